@@ -1,0 +1,190 @@
+/**
+ * Daemon configuration: defaults, then a JSON file, then PICCOLOD_* environment variables, then
+ * command-line flags. Validated once at start; every error names the bad key and where it came from.
+ */
+import { readFileSync } from "node:fs";
+import { isAbsolute, join } from "node:path";
+import { z } from "zod";
+
+const listenAddress = z
+  .string()
+  .refine((s) => s === "" || parseListen(s) !== undefined, { message: 'expected "host:port" (port 0-65535) or "" to disable' });
+
+const absPath = z.string().refine((s) => isAbsolute(s), { message: "expected an absolute path" });
+
+/** The configuration schema; keys are what the file uses, and map to PICCOLOD_<UPPER_SNAKE> and --kebab-case. */
+export const ConfigSchema = z
+  .object({
+    /** Folder for state: operation journals, the audit log, sealed secrets. */
+    stateDir: absPath.default("/var/lib/piccolod"),
+    /** Folder for runtime files: the socket and endpoints.json. */
+    runtimeDir: absPath.default("/run/piccolod"),
+    /** gRPC unix socket path ("" disables it); defaults to <runtimeDir>/piccolod.sock. */
+    socketPath: z.string().optional(),
+    /** gRPC TCP listener, "host:port"; "" disables it. Loopback until the API has authentication. */
+    grpcListen: listenAddress.default("127.0.0.1:50051"),
+    /** REST gateway listener, "host:port"; "" disables it. */
+    restListen: listenAddress.default("127.0.0.1:8080"),
+    /** Log level. */
+    logLevel: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
+    /** Audit log path; defaults to <stateDir>/audit.log. */
+    auditLog: z.string().optional(),
+    /** Docker engine socket. */
+    dockerSocket: absPath.default("/var/run/docker.sock"),
+    /** D-Bus system bus address (unix:path=…). */
+    systemBusAddress: z
+      .string()
+      .regex(/^unix:(path|abstract)=/, { message: 'expected a D-Bus address such as "unix:path=/run/dbus/system_bus_socket"' })
+      .default("unix:path=/run/dbus/system_bus_socket"),
+    /** TPM device nodes to look for, in order. */
+    tpmDevices: z.array(absPath).default(["/dev/tpmrm0", "/dev/tpm0"]),
+    /** os-release files to read, in order (Flatcar keeps its release in /usr/share/flatcar/release too). */
+    osReleaseFiles: z.array(absPath).default(["/etc/os-release", "/usr/lib/os-release", "/usr/share/flatcar/release"]),
+    /** mountinfo file used to find the boot disk. */
+    mountInfoFile: absPath.default("/proc/self/mountinfo"),
+    /** How long running operations get to stop on SIGTERM before they are journaled as interrupted. */
+    shutdownGraceMs: z.number().int().min(0).max(600_000).default(5000),
+    /** Finished operations kept; older ones are deleted with their journals. */
+    operationRetention: z.number().int().min(10).max(100_000).default(500),
+    /** Smallest interval between two journaled progress events of one operation. */
+    progressIntervalMs: z.number().int().min(0).max(10_000).default(200),
+  })
+  .strict();
+
+/** The validated configuration with every default and derived path filled in. */
+export type Config = Omit<z.infer<typeof ConfigSchema>, "socketPath" | "auditLog"> & {
+  socketPath: string;
+  auditLog: string;
+};
+
+/** A configuration that failed validation; the message lists every bad key. */
+export class ConfigError extends Error {
+  override readonly name = "ConfigError";
+}
+
+type Origin = string;
+
+const KEYS = Object.keys(ConfigSchema.shape) as (keyof z.infer<typeof ConfigSchema>)[];
+const envName = (k: string): string => "PICCOLOD_" + k.replace(/[A-Z]/g, (c) => "_" + c).toUpperCase();
+const flagName = (k: string): string => k.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase());
+const ARRAY_KEYS = new Set(["tpmDevices", "osReleaseFiles"]);
+const NUMBER_KEYS = new Set(["shutdownGraceMs", "operationRetention", "progressIntervalMs"]);
+
+/** Parses "host:port" / "[v6]:port"; undefined when malformed. */
+export function parseListen(s: string): { host: string; port: number } | undefined {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\s[\]]*)):(\d{1,5})$/.exec(s);
+  if (!m) return undefined;
+  const port = Number(m[3]);
+  if (port > 65535) return undefined;
+  return { host: m[1] ?? (m[2] || "0.0.0.0"), port };
+}
+
+function coerce(key: string, raw: string): unknown {
+  if (ARRAY_KEYS.has(key)) return raw.split(",").filter((s) => s !== "");
+  if (NUMBER_KEYS.has(key)) return raw.trim() === "" || Number.isNaN(Number(raw)) ? raw : Number(raw);
+  return raw;
+}
+
+/** Sources for loadConfig; each defaults to the process's own. */
+export interface ConfigSources {
+  readonly argv?: readonly string[];
+  readonly env?: Readonly<Record<string, string | undefined>>;
+  /** Config file to read when neither --config nor PICCOLOD_CONFIG names one (read only if it exists). */
+  readonly defaultFile?: string;
+}
+
+/** Builds the configuration from file, environment and flags; throws ConfigError naming each bad key. */
+export function loadConfig(sources: ConfigSources = {}): Config {
+  const argv = sources.argv ?? process.argv.slice(2);
+  const env = sources.env ?? process.env;
+  const raw: Record<string, unknown> = {};
+  const origin: Record<string, Origin> = {};
+  const problems: string[] = [];
+
+  // Flags first, so --config is known before reading the file.
+  const flags: Record<string, string> = {};
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (!a.startsWith("--")) {
+      problems.push(`unexpected argument ${JSON.stringify(a)}`);
+      continue;
+    }
+    const eq = a.indexOf("=");
+    const name = eq >= 0 ? a.slice(2, eq) : a.slice(2);
+    let value = eq >= 0 ? a.slice(eq + 1) : argv[i + 1];
+    if (eq < 0) i++;
+    if (value === undefined) {
+      problems.push(`flag --${name} needs a value`);
+      continue;
+    }
+    flags[name] = value;
+  }
+
+  const file = flags["config"] ?? env["PICCOLOD_CONFIG"] ?? sources.defaultFile;
+  const explicitFile = flags["config"] !== undefined || env["PICCOLOD_CONFIG"] !== undefined;
+  if (file) {
+    let text: string | undefined;
+    try {
+      text = readFileSync(file, "utf8");
+    } catch (e) {
+      if (explicitFile || (e as NodeJS.ErrnoException).code !== "ENOENT") {
+        problems.push(`config file ${file}: ${(e as Error).message}`);
+      }
+    }
+    if (text !== undefined) {
+      try {
+        const parsed: unknown = JSON.parse(text);
+        if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+          problems.push(`config file ${file}: expected a JSON object`);
+        } else {
+          for (const [k, v] of Object.entries(parsed)) {
+            raw[k] = v;
+            origin[k] = `file ${file}`;
+          }
+        }
+      } catch (e) {
+        problems.push(`config file ${file}: not valid JSON (${(e as Error).message})`);
+      }
+    }
+  }
+  for (const k of KEYS) {
+    const v = env[envName(k)];
+    if (v !== undefined) {
+      raw[k] = coerce(k, v);
+      origin[k] = `env ${envName(k)}`;
+    }
+  }
+  const byFlag = new Map(KEYS.map((k) => [flagName(k), k] as const));
+  for (const [name, value] of Object.entries(flags)) {
+    if (name === "config") continue;
+    const k = byFlag.get(name);
+    if (!k) {
+      problems.push(`unknown flag --${name}`);
+      continue;
+    }
+    raw[k] = coerce(k, value);
+    origin[k] = `flag --${name}`;
+  }
+
+  const result = ConfigSchema.safeParse(raw);
+  if (!result.success) {
+    for (const issue of result.error.issues) {
+      const key = issue.path.length > 0 ? String(issue.path[0]) : "";
+      const where = origin[key] ? ` (from ${origin[key]})` : "";
+      if (issue.code === "unrecognized_keys") {
+        for (const k of issue.keys) problems.push(`unknown key ${k}${origin[k] ? ` (from ${origin[k]})` : ""}`);
+      } else {
+        problems.push(`${issue.path.join(".") || "(root)"}${where}: ${issue.message}`);
+      }
+    }
+  }
+  if (problems.length > 0 || !result.success) {
+    throw new ConfigError(`invalid configuration:\n  - ${problems.join("\n  - ")}`);
+  }
+  const c = result.data;
+  return {
+    ...c,
+    socketPath: c.socketPath ?? join(c.runtimeDir, "piccolod.sock"),
+    auditLog: c.auditLog ?? join(c.stateDir, "audit.log"),
+  };
+}

@@ -1,0 +1,175 @@
+/**
+ * The gRPC transport: one @grpc/grpc-js server on the unix socket and the TCP listener, serving
+ * every registered service through the shared interceptors, plus the standard health checking
+ * protocol (grpc.health.v1) and server reflection so generic gRPC tools work without .proto files.
+ */
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { ReflectionService } from "@grpc/reflection";
+import { base64Decode } from "@bufbuild/protobuf/wire";
+import { HealthImplementation } from "grpc-health-check";
+import type { Logger } from "pino";
+import { fileDescriptorSetBase64 } from "../../gen/piccolo/descriptor.js";
+import { Status } from "../../gen/google/rpc/status.js";
+import { toRpcStatus } from "./errors.js";
+import { invoke, type CallContext, type Interceptor, type MethodEntry, type MethodRegistry, type StreamSink } from "./rpc.js";
+
+/** The running gRPC server. */
+export interface GrpcServer {
+  readonly server: grpc.Server;
+  readonly health: HealthImplementation;
+  /** Binds "unix:/path" or "host:port"; resolves to the bound port (0 for unix). */
+  bind(address: string): Promise<number>;
+  /** Marks every service NOT_SERVING and stops accepting calls; waits for calls to end up to `graceMs`. */
+  shutdown(graceMs: number): Promise<void>;
+}
+
+/** Turns any thrown value into a grpc-js status with the rich status in grpc-status-details-bin. */
+export function toServiceError(err: unknown): grpc.StatusObject & Error {
+  const st = toRpcStatus(err);
+  const metadata = new grpc.Metadata();
+  metadata.set("grpc-status-details-bin", Buffer.from(Status.encode(st.status).finish()));
+  return Object.assign(new Error(st.message), { code: st.code, details: st.message, metadata });
+}
+
+const headerRecord = (md: grpc.Metadata): Record<string, string> => {
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(md.getMap())) out[k] = typeof v === "string" ? v : v.toString("base64");
+  return out;
+};
+
+/** Creates the gRPC server for the registered services. */
+export function createGrpcServer(registry: MethodRegistry, interceptors: readonly Interceptor[], log: Logger): GrpcServer {
+  const server = new grpc.Server({
+    "grpc.max_receive_message_length": 4 * 1024 * 1024,
+    "grpc.keepalive_time_ms": 60_000,
+  });
+  const areaLogs = new Map<string, Logger>();
+  const logOf = (area: string): Logger => {
+    let l = areaLogs.get(area);
+    if (!l) areaLogs.set(area, (l = log.child({ area })));
+    return l;
+  };
+
+  const context = (entry: MethodEntry, call: grpc.ServerUnaryCall<Buffer, Buffer> | grpc.ServerWritableStream<Buffer, Buffer>, signal: AbortSignal): CallContext => {
+    const peer = call.getPeer();
+    const unix = peer.startsWith("unix:") || !/\d/.test(peer);
+    return {
+      method: entry,
+      actor: unix ? `unix:uid=${process.getuid?.() ?? "?"}` : `tcp:${peer.replace(/^ipv[46]:/, "")}`,
+      transport: unix ? "grpc-unix" : "grpc-tcp",
+      signal,
+      metadata: headerRecord(call.metadata),
+      log: logOf(entry.area),
+    };
+  };
+
+  for (const [, def] of registry.definitions) {
+    const rawDef: Record<string, grpc.MethodDefinition<Buffer, Buffer>> = {};
+    const impl: grpc.UntypedServiceImplementation = {};
+    for (const [key, d] of Object.entries(def)) {
+      const entry = registry.methods.get(d.path)!;
+      // Requests are decoded by the handler so a malformed frame is INVALID_ARGUMENT, not INTERNAL.
+      rawDef[key] = {
+        path: d.path,
+        requestStream: false,
+        responseStream: d.responseStream,
+        requestDeserialize: (b: Buffer) => b,
+        requestSerialize: (b: Buffer) => b,
+        responseSerialize: (b: Buffer) => b,
+        responseDeserialize: (b: Buffer) => b,
+        originalName: key,
+      };
+      if (!entry.serverStreaming) {
+        impl[key] = ((call: grpc.ServerUnaryCall<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) => {
+          const ac = new AbortController();
+          call.once("cancelled", () => ac.abort());
+          let request: unknown;
+          try {
+            request = entry.decode(call.request);
+          } catch (e) {
+            callback(toServiceError(e));
+            return;
+          }
+          invoke(interceptors, context(entry, call, ac.signal), request).then(
+            (res) => callback(null, Buffer.from(entry.encode(res))),
+            (err: unknown) => callback(toServiceError(err)),
+          );
+        }) as grpc.handleUnaryCall<Buffer, Buffer>;
+      } else {
+        impl[key] = ((call: grpc.ServerWritableStream<Buffer, Buffer>) => {
+          const ac = new AbortController();
+          call.once("cancelled", () => ac.abort());
+          call.once("close", () => ac.abort());
+          let request: unknown;
+          try {
+            request = entry.decode(call.request);
+          } catch (e) {
+            call.emit("error", toServiceError(e));
+            return;
+          }
+          const sink: StreamSink<unknown> = {
+            send(message) {
+              return new Promise((resolve, reject) => {
+                if (ac.signal.aborted) {
+                  reject(Object.assign(new Error("the client went away"), { name: "AbortError" }));
+                  return;
+                }
+                if (call.write(Buffer.from(entry.encode(message)))) {
+                  resolve();
+                  return;
+                }
+                const onAbort = (): void => {
+                  call.removeListener("drain", onDrain);
+                  reject(Object.assign(new Error("the client went away"), { name: "AbortError" }));
+                };
+                const onDrain = (): void => {
+                  ac.signal.removeEventListener("abort", onAbort);
+                  resolve();
+                };
+                call.once("drain", onDrain);
+                ac.signal.addEventListener("abort", onAbort, { once: true });
+              });
+            },
+          };
+          invoke(interceptors, context(entry, call, ac.signal), request, sink).then(
+            () => call.end(),
+            (err: unknown) => {
+              if (!ac.signal.aborted) call.emit("error", toServiceError(err));
+            },
+          );
+        }) as grpc.handleServerStreamingCall<Buffer, Buffer>;
+      }
+    }
+    server.addService(rawDef, impl);
+  }
+
+  const health = new HealthImplementation({ "": "SERVING", ...Object.fromEntries(registry.services.map((s) => [s, "SERVING"])) });
+  health.addToServer(server);
+  const pkg = protoLoader.loadFileDescriptorSetFromBuffer(Buffer.from(base64Decode(fileDescriptorSetBase64)));
+  new ReflectionService(pkg as never).addToServer(server);
+
+  return {
+    server,
+    health,
+    bind(address) {
+      return new Promise((resolve, reject) => {
+        server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
+      });
+    },
+    async shutdown(graceMs) {
+      health.setStatus("", "NOT_SERVING");
+      for (const s of registry.services) health.setStatus(s, "NOT_SERVING");
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, graceMs);
+        server.tryShutdown(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    },
+  };
+}
