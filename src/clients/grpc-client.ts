@@ -1,0 +1,135 @@
+/**
+ * Typed gRPC clients for piccolod over a unix socket or TCP: promise-returning unary methods and
+ * async-iterable server streams, typed from the ts-proto service definitions, with deadlines and
+ * a bearer token.
+ */
+import * as grpc from "@grpc/grpc-js";
+import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
+import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
+
+/** The shape of a ts-proto grpc-js service definition entry. */
+interface DefEntry {
+  readonly path: string;
+  readonly requestStream: boolean;
+  readonly responseStream: boolean;
+  readonly requestSerialize: (v: never) => Buffer;
+  readonly responseDeserialize: (b: Buffer) => unknown;
+}
+
+/** Per-call options. */
+export interface GrpcCallOptions {
+  /** Milliseconds until the call fails with DEADLINE_EXCEEDED; overrides the client default. 0 for none. */
+  readonly timeoutMs?: number;
+  /** Aborts the call (CANCELLED). */
+  readonly signal?: AbortSignal;
+}
+
+/** A promise client for one service definition. */
+export type PromiseClient<D> = {
+  [K in keyof D]: D[K] extends {
+    responseStream: true;
+    requestSerialize: (v: infer Req) => Buffer;
+    responseDeserialize: (b: Buffer) => infer Res;
+  }
+    ? (request: Req, options?: GrpcCallOptions) => AsyncIterable<Res>
+    : D[K] extends { requestSerialize: (v: infer Req) => Buffer; responseDeserialize: (b: Buffer) => infer Res }
+      ? (request: Req, options?: GrpcCallOptions) => Promise<Res>
+      : never;
+};
+
+/** Options of createGrpcClients. */
+export interface GrpcClientOptions {
+  /** "unix:///run/piccolod/piccolod.sock", "unix:/path" or "host:port". */
+  readonly endpoint: string;
+  /** Bearer token sent as `authorization` metadata. */
+  readonly token?: string;
+  /** Default deadline of unary calls in ms (streams have none unless given per call). Default 30 s. */
+  readonly timeoutMs?: number;
+}
+
+/** Turns a CLI/config endpoint into a grpc-js target. */
+export function grpcTarget(endpoint: string): string {
+  if (endpoint.startsWith("unix://")) return `unix:${endpoint.slice("unix://".length)}`;
+  if (endpoint.startsWith("unix:")) return endpoint;
+  if (endpoint.startsWith("/")) return `unix:${endpoint}`;
+  if (/^[^/]+:\d+$/.test(endpoint) || /^\[[^\]]+\]:\d+$/.test(endpoint)) return endpoint;
+  throw new Error(`endpoint ${JSON.stringify(endpoint)}: expected unix:///path/to.sock or host:port`);
+}
+
+/** Creates a promise client for one ts-proto service definition over an existing channel. */
+export function createPromiseClient<D extends Record<string, DefEntry>>(
+  client: grpc.Client,
+  definition: D,
+  options: Pick<GrpcClientOptions, "token" | "timeoutMs"> = {},
+): PromiseClient<D> {
+  const out: Record<string, unknown> = {};
+  const metadata = (): grpc.Metadata => {
+    const md = new grpc.Metadata();
+    if (options.token) md.set("authorization", `Bearer ${options.token}`);
+    return md;
+  };
+  for (const [key, def] of Object.entries(definition)) {
+    const serialize = def.requestSerialize as (v: unknown) => Buffer;
+    if (!def.responseStream) {
+      out[key] = (request: unknown, o: GrpcCallOptions = {}) =>
+        new Promise((resolve, reject) => {
+          const timeout = o.timeoutMs ?? options.timeoutMs ?? 30_000;
+          const call = client.makeUnaryRequest(
+            def.path,
+            serialize,
+            def.responseDeserialize,
+            request,
+            metadata(),
+            timeout > 0 ? { deadline: Date.now() + timeout } : {},
+            (err, res) => (err ? reject(err) : resolve(res)),
+          );
+          o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+        });
+    } else {
+      out[key] = (request: unknown, o: GrpcCallOptions = {}) => {
+        const timeout = o.timeoutMs ?? 0;
+        const call = client.makeServerStreamRequest(
+          def.path,
+          serialize,
+          def.responseDeserialize,
+          request,
+          metadata(),
+          timeout > 0 ? { deadline: Date.now() + timeout } : {},
+        );
+        o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+        return {
+          async *[Symbol.asyncIterator]() {
+            try {
+              for await (const m of call) yield m;
+            } finally {
+              call.cancel();
+            }
+          },
+        };
+      };
+    }
+  }
+  return out as PromiseClient<D>;
+}
+
+/** The clients for every piccolod service, sharing one channel. */
+export interface PiccoloGrpcClients {
+  readonly system: PromiseClient<typeof SystemServiceService>;
+  readonly operations: PromiseClient<typeof OperationsServiceService>;
+  /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
+  readonly channel: grpc.Client;
+  close(): void;
+}
+
+/** Connects to piccolod. Nothing is sent until the first call. */
+export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClients {
+  const channel = new grpc.Client(grpcTarget(options.endpoint), grpc.credentials.createInsecure(), {
+    "grpc.max_receive_message_length": 16 * 1024 * 1024,
+  });
+  return {
+    system: createPromiseClient(channel, SystemServiceService, options),
+    operations: createPromiseClient(channel, OperationsServiceService, options),
+    channel,
+    close: () => channel.close(),
+  };
+}

@@ -1,0 +1,16 @@
+/** All generated REST clients over one transport. */
+import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
+import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
+import { createRestTransport, type RestTransportOptions } from "./rest-transport.js";
+
+/** The REST clients for every piccolod service. */
+export interface PiccoloRestClients {
+  readonly system: SystemServiceRestClient;
+  readonly operations: OperationsServiceRestClient;
+}
+
+/** Creates REST clients for the gateway at `options.baseUrl`. */
+export function createRestClients(options: RestTransportOptions): PiccoloRestClients {
+  const t = createRestTransport(options);
+  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t) };
+}
