@@ -23,9 +23,34 @@ export const apiRegistry: FileRegistry = createFileRegistry(
   fromBinary(FileDescriptorSetSchema, base64Decode(fileDescriptorSetBase64)),
 );
 
-/** Raised when JSON does not map onto the message; the message names the field and the problem. */
+/** Raised when JSON does not map onto the message; `field` is the proto field path at fault. */
 export class JsonMappingError extends Error {
   override readonly name = "JsonMappingError";
+  constructor(
+    message: string,
+    /** Dotted proto field path of the culprit, or "" when the message as a whole is wrong. */
+    readonly field: string,
+  ) {
+    super(field ? `${field}: ${message}` : message);
+  }
+}
+
+/** Finds the field of `json` that does not map onto `desc`, descending into nested messages. */
+function findCulprit(desc: DescMessage, json: JsonValue, prefix: string): string {
+  if (typeof json !== "object" || json === null || Array.isArray(json)) return prefix;
+  for (const [key, value] of Object.entries(json)) {
+    try {
+      fromJson(desc, { [key]: value }, { registry: apiRegistry });
+    } catch {
+      const f = desc.fields.find((x) => x.name === key || x.jsonName === key);
+      const here = prefix ? `${prefix}.${f?.name ?? key}` : (f?.name ?? key);
+      if (f?.fieldKind === "message" && !f.message.typeName.startsWith("google.protobuf.")) {
+        return findCulprit(f.message, value, here);
+      }
+      return here;
+    }
+  }
+  return prefix;
 }
 
 /** Finds a message descriptor by full name; throws when the API has no such message. */
@@ -42,7 +67,7 @@ export function jsonToBinary(typeName: string, json: JsonValue): Uint8Array {
   try {
     msg = fromJson(desc, json, { registry: apiRegistry });
   } catch (e) {
-    throw new JsonMappingError(cleanMessage((e as Error).message));
+    throw new JsonMappingError(cleanMessage((e as Error).message), findCulprit(desc, json, ""));
   }
   return toBinary(desc, msg);
 }

@@ -235,7 +235,9 @@ export function createGateway(registry: MethodRegistry, interceptors: readonly I
       try {
         bytes = jsonToBinary(entry.desc.input.typeName, json);
       } catch (e) {
-        if (e instanceof JsonMappingError) throw new HttpError("invalid_argument", e.message, { reason: "INVALID_JSON" });
+        if (e instanceof JsonMappingError) {
+          throw new HttpError("invalid_argument", e.message, { reason: "INVALID_JSON", ...(e.field ? { field: e.field } : {}) });
+        }
         throw e;
       }
       const request = entry.decode(bytes);
