@@ -58,9 +58,6 @@ async function writeAtomic(path: string, text: string): Promise<void> {
 
 /** Starts the daemon with a validated configuration. */
 export async function startDaemon(config: Config, log: Logger): Promise<Daemon> {
-  await mkdir(config.stateDir, { recursive: true, mode: 0o700 });
-  await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
-
   const health = createHealthChecker({
     stateDir: config.stateDir,
     dockerSocket: config.dockerSocket,
@@ -76,6 +73,11 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   }
   for (const c of first.checks.filter((x) => x.status !== CheckStatus.CHECK_STATUS_PASS)) {
     log.warn({ check: c.name, detail: c.detail }, "health check warning");
+  }
+  try {
+    await mkdir(config.runtimeDir, { recursive: true, mode: 0o755 });
+  } catch (e) {
+    throw new StartupCheckError(`runtime folder ${config.runtimeDir} cannot be created: ${(e as Error).message}`);
   }
 
   const journalDir = join(config.stateDir, "operations");
