@@ -42,10 +42,11 @@ piccolod is running (pid $pid)
   log                 $demo/piccolod.log
 
 Try, in another terminal:
+  alias piccoloctl="node $PWD/dist/src/clients/cli/main.js"
   export PICCOLO_ENDPOINT=unix://$demo/run/piccolod.sock
-  npx piccoloctl health
-  npx piccoloctl diagnostics
-  npx piccoloctl ops list
+  piccoloctl health
+  piccoloctl diagnostics
+  piccoloctl ops list
   curl -s http://$rest_listen/api/v1/version
   curl -sN -X POST http://$rest_listen/api/v1/diagnostics -d '{"writeProbeMib": 256}'
 
