@@ -24,6 +24,8 @@ if ! diff -r gen "$tmp/gen" >"$tmp/diff" 2>&1; then
 fi
 echo "==> tsc --noEmit"
 node_modules/.bin/tsc -p tsconfig.json --noEmit
+echo "==> eslint (warnings are errors)"
+node_modules/.bin/eslint --max-warnings 0 .
 echo "==> no circular imports"
 dirs=()
 for d in src tools bench test; do [ -d "$d" ] && dirs+=("$d"); done

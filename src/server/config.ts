@@ -111,7 +111,7 @@ export function loadConfig(sources: ConfigSources = {}): Config {
     }
     const eq = a.indexOf("=");
     const name = eq >= 0 ? a.slice(2, eq) : a.slice(2);
-    let value = eq >= 0 ? a.slice(eq + 1) : argv[i + 1];
+    const value = eq >= 0 ? a.slice(eq + 1) : argv[i + 1];
     if (eq < 0) i++;
     if (value === undefined) {
       problems.push(`flag --${name} needs a value`);
