@@ -36,5 +36,6 @@ build_dist() {
     const [version, commit] = [require("./package.json").version, process.argv[1]];
     require("fs").writeFileSync("dist/build-info.json", JSON.stringify({ version, commit, buildTime: new Date().toISOString() }) + "\n");
   ' "$commit"
+  bash scripts/build-browser.sh
   chmod +x dist/src/server/main.js dist/src/clients/cli/main.js 2>/dev/null || true
 }

@@ -13,7 +13,7 @@ import { Status } from "../../gen/google/rpc/status.js";
 import { compilePathTemplate, readHttpBindings, type HttpBinding, type PathTemplate } from "../common/http-rule.js";
 import { apiRegistry, binaryToJson, JsonMappingError, jsonToBinary } from "../common/proto-registry.js";
 import { PiccoloError, toRpcStatus } from "./errors.js";
-import { invoke, type CallContext, type Interceptor, type MethodEntry, type MethodRegistry, type StreamSink } from "./rpc.js";
+import { areaLoggers, clientGone, invoke, type CallContext, type Interceptor, type MethodEntry, type MethodRegistry, type StreamSink } from "./rpc.js";
 
 /** One route: an HTTP binding of a registered method. */
 interface Route {
@@ -175,12 +175,7 @@ const errorJson = (err: unknown): { http: number; json: JsonValue } => {
 /** Creates the gateway for the registered methods. */
 export function createGateway(registry: MethodRegistry, interceptors: readonly Interceptor[], log: Logger): Gateway {
   const routes = buildRoutes(registry);
-  const areaLogs = new Map<string, Logger>();
-  const logOf = (area: string): Logger => {
-    let l = areaLogs.get(area);
-    if (!l) areaLogs.set(area, (l = log.child({ area })));
-    return l;
-  };
+  const logOf = areaLoggers(log);
 
   const sendJson = (res: ServerResponse, status: number, body: JsonValue): void => {
     const text = JSON.stringify(body);
@@ -268,7 +263,7 @@ export function createGateway(registry: MethodRegistry, interceptors: readonly I
           const ok = res.write(sse ? `data: ${payload}\n\n` : payload + "\n");
           if (ok) return Promise.resolve();
           return new Promise((resolve, reject) => {
-            const onClose = (): void => reject(Object.assign(new Error("the client went away"), { name: "AbortError" }));
+            const onClose = (): void => reject(clientGone());
             res.once("drain", () => {
               res.removeListener("close", onClose);
               resolve();

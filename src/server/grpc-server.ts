@@ -12,7 +12,7 @@ import type { Logger } from "pino";
 import { fileDescriptorSetBase64 } from "../../gen/piccolo/descriptor.js";
 import { Status } from "../../gen/google/rpc/status.js";
 import { toRpcStatus } from "./errors.js";
-import { invoke, type CallContext, type Interceptor, type MethodEntry, type MethodRegistry, type StreamSink } from "./rpc.js";
+import { areaLoggers, clientGone, invoke, type CallContext, type Interceptor, type MethodEntry, type MethodRegistry, type StreamSink } from "./rpc.js";
 
 /** The running gRPC server. */
 export interface GrpcServer {
@@ -44,12 +44,7 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
     "grpc.max_receive_message_length": 4 * 1024 * 1024,
     "grpc.keepalive_time_ms": 60_000,
   });
-  const areaLogs = new Map<string, Logger>();
-  const logOf = (area: string): Logger => {
-    let l = areaLogs.get(area);
-    if (!l) areaLogs.set(area, (l = log.child({ area })));
-    return l;
-  };
+  const logOf = areaLoggers(log);
 
   const context = (entry: MethodEntry, call: grpc.ServerUnaryCall<Buffer, Buffer> | grpc.ServerWritableStream<Buffer, Buffer>, signal: AbortSignal): CallContext => {
     const peer = call.getPeer();
@@ -112,7 +107,7 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
             send(message) {
               return new Promise((resolve, reject) => {
                 if (ac.signal.aborted) {
-                  reject(Object.assign(new Error("the client went away"), { name: "AbortError" }));
+                  reject(clientGone());
                   return;
                 }
                 if (call.write(Buffer.from(entry.encode(message)))) {
@@ -121,7 +116,7 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
                 }
                 const onAbort = (): void => {
                   call.removeListener("drain", onDrain);
-                  reject(Object.assign(new Error("the client went away"), { name: "AbortError" }));
+                  reject(clientGone());
                 };
                 const onDrain = (): void => {
                   ac.signal.removeEventListener("abort", onAbort);

@@ -160,6 +160,21 @@ export function createMethodRegistry(): MethodRegistry {
   };
 }
 
+/** Returns a function giving each area's child logger, created once. */
+export function areaLoggers(log: Logger): (area: string) => Logger {
+  const cache = new Map<string, Logger>();
+  return (area) => {
+    let l = cache.get(area);
+    if (!l) cache.set(area, (l = log.child({ area })));
+    return l;
+  };
+}
+
+/** The error a stream write fails with once the client has gone. */
+export function clientGone(): Error {
+  return Object.assign(new Error("the client went away"), { name: "AbortError" });
+}
+
 /** Runs a call through the interceptors and its handler. */
 export async function invoke(
   interceptors: readonly Interceptor[],
