@@ -17,6 +17,7 @@ echo "==> gen/ is up to date with proto/"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 $buf generate -o "$tmp"
+$buf generate --template buf.gen.grpc.yaml -o "$tmp"
 if ! diff -r gen "$tmp/gen" >"$tmp/diff" 2>&1; then
   head -50 "$tmp/diff"
   echo "gen/ differs from what 'npm run generate' writes: run it and commit the result" >&2

@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_node_modules
 node_modules/.bin/buf generate "$@"
+node_modules/.bin/buf generate --template buf.gen.grpc.yaml "$@"

@@ -6,6 +6,8 @@
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { join } from "node:path";
+import { fromBinary } from "@bufbuild/protobuf";
+import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { CheckStatus, HealthState } from "../gen/piccolo/system/v1/system.js";
 import { ROOT, startTestDaemon, type TestDaemon } from "./helpers/daemon.js";
 
@@ -101,8 +103,14 @@ test("server reflection lists the services and serves their descriptors", async 
   const list = await ask({ list_services: "" });
   const names = (list["list_services_response"]["service"] as { name: string }[]).map((s) => s.name);
   expect(names).toEqual(expect.arrayContaining(["piccolo.system.v1.SystemService", "piccolo.operations.v1.OperationsService"]));
-  const file = await ask({ file_containing_symbol: "piccolo.system.v1.SystemService" });
-  expect(file["file_descriptor_response"]["file_descriptor_proto"].length).toBeGreaterThan(0);
+  const file = await ask({ file_containing_symbol: "piccolo.system.v1.SystemService.GetVersion" });
+  const protos = (file["file_descriptor_response"]["file_descriptor_proto"] as Buffer[]).map((b) => fromBinary(FileDescriptorProtoSchema, b));
+  expect(protos[0]!.name).toBe("piccolo/system/v1/system.proto");
+  expect(protos[0]!.service[0]!.method.map((m) => m.name)).toEqual(["GetVersion", "GetHealth", "RunDiagnostics"]);
+  // Its imports come along, so a tool can build the whole descriptor.
+  expect(protos.map((p) => p.name)).toEqual(expect.arrayContaining(["piccolo/operations/v1/operations.proto", "google/api/annotations.proto"]));
+  const missing = await ask({ file_containing_symbol: "no.such.Symbol" });
+  expect(missing["error_response"]["error_code"]).toBe(grpc.status.NOT_FOUND);
   client.close();
 });
 

@@ -83,7 +83,8 @@ export function createPromiseClient<D extends Record<string, DefEntry>>(
             timeout > 0 ? { deadline: Date.now() + timeout } : {},
             (err, res) => (err ? reject(err) : resolve(res)),
           );
-          o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          if (o.signal?.aborted) call.cancel();
+          else o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
         });
     } else {
       out[key] = (request: unknown, o: GrpcCallOptions = {}) => {
@@ -96,7 +97,8 @@ export function createPromiseClient<D extends Record<string, DefEntry>>(
           metadata(),
           timeout > 0 ? { deadline: Date.now() + timeout } : {},
         );
-        o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+        if (o.signal?.aborted) call.cancel();
+          else o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
         return {
           async *[Symbol.asyncIterator]() {
             try {

@@ -3,7 +3,7 @@
  * restarts, re-attaching with the last sequence seen so no event is lost or repeated. Works over
  * the gRPC or the REST client: it only needs a function that opens a WatchOperation stream.
  */
-import type { OperationEvent } from "../../gen/piccolo/operations/v1/operations.js";
+import { OperationState, type OperationEvent } from "../../gen/piccolo/operations/v1/operations.js";
 
 /** Opens one WatchOperation stream. */
 export type OpenWatch = (id: string, afterSequence: number, signal: AbortSignal) => AsyncIterable<OperationEvent>;
@@ -25,6 +25,12 @@ export interface WatchOptions {
 // gRPC UNAVAILABLE (14), CANCELLED by a dying peer (1 without a local abort), INTERNAL stream resets (13),
 // and network errors from fetch are worth a retry; everything else is the server's answer.
 const RETRYABLE_CODES = new Set([1, 13, 14]);
+const ENDED = new Set<OperationState>([
+  OperationState.OPERATION_STATE_SUCCEEDED,
+  OperationState.OPERATION_STATE_FAILED,
+  OperationState.OPERATION_STATE_CANCELLED,
+  OperationState.OPERATION_STATE_INTERRUPTED,
+]);
 
 function retryable(err: unknown, signal: AbortSignal | undefined): boolean {
   if (signal?.aborted) return false;
@@ -60,6 +66,8 @@ export async function* watchOperation(open: OpenWatch, id: string, options: Watc
         failingSince = undefined;
         if (ev.attached) {
           if (options.includeAttached) yield ev;
+          // Attached after the end of an operation that has already ended: nothing more will come.
+          if (ENDED.has(ev.attached.state) && ev.sequence >= ev.attached.lastSequence) return;
           continue;
         }
         if (ev.sequence <= last) continue; // never repeat

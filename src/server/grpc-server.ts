@@ -4,20 +4,16 @@
  * protocol (grpc.health.v1) and server reflection so generic gRPC tools work without .proto files.
  */
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
-import { ReflectionService } from "@grpc/reflection";
-import { base64Decode } from "@bufbuild/protobuf/wire";
-import { HealthImplementation } from "grpc-health-check";
 import type { Logger } from "pino";
-import { fileDescriptorSetBase64 } from "../../gen/piccolo/descriptor.js";
 import { Status } from "../../gen/google/rpc/status.js";
 import { toRpcStatus } from "./errors.js";
+import { addReflection, createHealthService, ServingStatus, type HealthState } from "./grpc-standard.js";
 import { areaLoggers, clientGone, invoke, type CallContext, type Interceptor, type MethodEntry, type MethodRegistry, type StreamSink } from "./rpc.js";
 
 /** The running gRPC server. */
 export interface GrpcServer {
   readonly server: grpc.Server;
-  readonly health: HealthImplementation;
+  readonly health: HealthState;
   /** Binds "unix:/path" or "host:port"; resolves to the bound port (0 for unix). */
   bind(address: string): Promise<number>;
   /** Marks every service NOT_SERVING and stops accepting calls; waits for calls to end up to `graceMs`. */
@@ -139,10 +135,9 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
     server.addService(rawDef, impl);
   }
 
-  const health = new HealthImplementation({ "": "SERVING", ...Object.fromEntries(registry.services.map((s) => [s, "SERVING"])) });
+  const health = createHealthService(registry.services);
   health.addToServer(server);
-  const pkg = protoLoader.loadFileDescriptorSetFromBuffer(Buffer.from(base64Decode(fileDescriptorSetBase64)));
-  new ReflectionService(pkg as never).addToServer(server);
+  addReflection(server, registry.services);
 
   return {
     server,
@@ -153,8 +148,8 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
       });
     },
     async shutdown(graceMs) {
-      health.setStatus("", "NOT_SERVING");
-      for (const s of registry.services) health.setStatus(s, "NOT_SERVING");
+      health.set("", ServingStatus.NOT_SERVING);
+      for (const s of registry.services) health.set(s, ServingStatus.NOT_SERVING);
       await new Promise<void>((resolve) => {
         const t = setTimeout(() => {
           server.forceShutdown();

@@ -35,11 +35,16 @@ export function buildInfo(): BuildInfo {
     }
   }
   let version = "0.0.0-dev";
-  try {
-    const root = fileURLToPath(new URL("../../../", import.meta.url));
-    version = (JSON.parse(readFileSync(root + "package.json", "utf8")) as { version: string }).version + "-dev";
-  } catch {
-    // keep the placeholder
+  // From src/server/system (tsx, jest) the repository is three levels up; from dist/src/server/system, four.
+  for (const rel of ["../../../package.json", "../../../../package.json"]) {
+    try {
+      const pkg = JSON.parse(readFileSync(fileURLToPath(new URL(rel, import.meta.url)), "utf8")) as { name?: string; version: string };
+      if (pkg.name !== "piccolod") continue;
+      version = pkg.version + "-dev";
+      break;
+    } catch {
+      // next
+    }
   }
   let commit = "unknown";
   try {
