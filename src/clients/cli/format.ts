@@ -1,0 +1,162 @@
+/**
+ * piccoloctl's output: proto3 JSON through the API's descriptors (one document for a unary
+ * answer, one line per event for a stream) and the text forms of versions, health, operations
+ * and operation results.
+ */
+import type { JsonValue } from "@bufbuild/protobuf";
+import type { BinaryWriter } from "@bufbuild/protobuf/wire";
+import type { Any } from "../../../gen/google/protobuf/any.js";
+import type { Duration } from "../../../gen/google/protobuf/duration.js";
+import type { Status } from "../../../gen/google/rpc/status.js";
+import { OperationEvent, type Operation } from "../../../gen/piccolo/operations/v1/operations.js";
+import {
+  CheckStatus,
+  HealthState,
+  RunDiagnosticsResult,
+  type GetHealthResponse,
+  type GetVersionResponse,
+  type HealthCheck,
+} from "../../../gen/piccolo/system/v1/system.js";
+import { apiRegistry, binaryToJson } from "../../common/proto-registry.js";
+import { codeName } from "./errors.js";
+import { formatRate, percentOf, stateName } from "./progress.js";
+
+/** The `encode` half of a ts-proto message's functions. */
+export interface Encoder<T> {
+  encode(message: T, writer?: BinaryWriter): BinaryWriter;
+}
+
+/** A message as proto3 JSON, by its full type name and its ts-proto encoder. */
+export function protoJson<T>(typeName: string, fns: Encoder<T>, message: T): JsonValue {
+  return binaryToJson(typeName, fns.encode(message).finish());
+}
+
+/** One JSON document (indented) for a unary answer, with a trailing newline. */
+export function jsonDocument<T>(typeName: string, fns: Encoder<T>, message: T): string {
+  return `${JSON.stringify(protoJson(typeName, fns, message), null, 2)}\n`;
+}
+
+/** One NDJSON line for an operation event. */
+export function eventJsonLine(ev: OperationEvent): string {
+  return `${JSON.stringify(protoJson("piccolo.operations.v1.OperationEvent", OperationEvent, ev))}\n`;
+}
+
+/** The type URL of a RunDiagnosticsResult. */
+export const DIAGNOSTICS_RESULT_URL = "type.googleapis.com/piccolo.system.v1.RunDiagnosticsResult";
+
+/** "HEALTH_STATE_DEGRADED" → "DEGRADED". */
+export function healthStateName(state: HealthState): string {
+  return (HealthState[state] ?? `STATE_${state}`).replace(/^HEALTH_STATE_/, "");
+}
+
+/** "CHECK_STATUS_WARN" → "WARN". */
+export function checkStatusName(status: CheckStatus): string {
+  return (CheckStatus[status] ?? `STATUS_${status}`).replace(/^CHECK_STATUS_/, "");
+}
+
+/** A time as ISO 8601 UTC without milliseconds, or "-". */
+export function formatTime(t: Date | undefined): string {
+  return t ? t.toISOString().replace(/\.\d{3}Z$/, "Z") : "-";
+}
+
+/** Formats a google.protobuf.Duration as milliseconds with two decimals. */
+export function formatMs(d: Duration | undefined): string {
+  if (!d) return "-";
+  return `${((d.seconds || 0) * 1000 + (d.nanos || 0) / 1e6).toFixed(2)} ms`;
+}
+
+/** Left-aligned columns separated by two spaces; the last column is not padded. */
+export function table(rows: readonly (readonly string[])[]): string {
+  const widths: number[] = [];
+  for (const r of rows) r.forEach((c, i) => (widths[i] = Math.max(widths[i] ?? 0, c.length)));
+  return rows
+    .map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join("  ").trimEnd())
+    .map((l) => `${l}\n`)
+    .join("");
+}
+
+/** GetVersion as text. */
+export function formatVersion(v: GetVersionResponse): string {
+  const os = v.os;
+  const osText = os ? `${os.prettyName || os.name || os.id}${os.id || os.versionId ? ` (${[os.id, os.versionId].filter(Boolean).join(" ")})` : ""}` : "-";
+  const build = [`commit ${v.commit || "unknown"}`, v.buildTime ? `built ${formatTime(v.buildTime)}` : ""].filter(Boolean).join(", ");
+  return table([
+    ["piccolod", `${v.version} (${build})`],
+    ["node", v.nodeVersion],
+    ["os", osText],
+    ["kernel", v.kernel || "-"],
+  ]);
+}
+
+/** One line per check: status, name (marked when required), detail. */
+export function formatChecks(checks: readonly HealthCheck[]): string {
+  return table(checks.map((c) => [checkStatusName(c.status), c.required ? `${c.name} (required)` : c.name, c.detail]));
+}
+
+/** GetHealth as text: the overall state, then one line per check. */
+export function formatHealth(h: GetHealthResponse): string {
+  return `${healthStateName(h.state)}${h.checkTime ? ` (checked ${formatTime(h.checkTime)})` : ""}\n${formatChecks(h.checks)}`;
+}
+
+/** A RunDiagnosticsResult as text. */
+export function formatDiagnosticsResult(r: RunDiagnosticsResult): string {
+  return (
+    `${healthStateName(r.state)}\n${formatChecks(r.checks)}` +
+    `write throughput: ${formatRate(r.writeBytesPerSecond)}, fsync latency: ${formatMs(r.fsyncLatency)}\n`
+  );
+}
+
+/** An operation result (google.protobuf.Any) as text: known types in their own form, others as JSON. */
+export function formatResult(result: Any): string {
+  if (result.typeUrl === DIAGNOSTICS_RESULT_URL) return formatDiagnosticsResult(RunDiagnosticsResult.decode(result.value));
+  const typeName = result.typeUrl.slice(result.typeUrl.lastIndexOf("/") + 1);
+  if (apiRegistry.getMessage(typeName)) return `${typeName} ${JSON.stringify(binaryToJson(typeName, result.value), null, 2)}\n`;
+  return `${typeName} (${result.value.length} bytes)\n`;
+}
+
+/** A google.rpc.Status as "CODE_NAME: message". */
+export function formatStatus(s: Status): string {
+  return `${codeName(s.code)}: ${s.message}`;
+}
+
+/** The progress column of an operation: "42% phase" or "-". */
+function progressCell(op: Operation): string {
+  const p = op.progress;
+  return p ? `${percentOf(p)}%${p.phase ? ` ${p.phase}` : ""}` : "-";
+}
+
+/** A list of operations as a table, newest first. */
+export function formatOperationList(ops: readonly Operation[]): string {
+  if (ops.length === 0) return "no operations\n";
+  return table([
+    ["ID", "KIND", "STATE", "PROGRESS", "CREATED", "ACTOR"],
+    ...ops.map((o) => [o.id, o.kind, stateName(o.state), progressCell(o), formatTime(o.createTime), o.actor || "-"]),
+  ]);
+}
+
+/** One operation in detail. */
+export function formatOperation(op: Operation): string {
+  const p = op.progress;
+  const rows: string[][] = [
+    ["id:", op.id],
+    ["kind:", op.kind],
+    ["state:", stateName(op.state)],
+    ["actor:", op.actor || "-"],
+    ["created:", formatTime(op.createTime)],
+    ["started:", formatTime(op.startTime)],
+    ["ended:", formatTime(op.endTime)],
+    ["last sequence:", String(op.lastSequence)],
+    ["progress:", p ? `${percentOf(p)}% ${p.phase}${p.message ? `: ${p.message}` : ""}` : "-"],
+    ["cancellable:", op.cancellable ? "yes" : "no"],
+    ["exclusive:", op.exclusive ? "yes" : "no"],
+  ];
+  if (op.error) rows.push(["error:", formatStatus(op.error)]);
+  let text = table(rows);
+  if (op.result) text += `result:\n${indent(formatResult(op.result))}`;
+  return text;
+}
+
+/** Indents every line by two spaces. */
+export function indent(text: string): string {
+  return text.replace(/^(?=.)/gm, "  ");
+}
