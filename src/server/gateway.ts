@@ -211,7 +211,10 @@ export function createGateway(registry: MethodRegistry, interceptors: readonly I
     }
     const entry = route.entry;
     const ac = new AbortController();
-    res.once("close", () => ac.abort());
+    // "close" also follows a complete answer; only a client that left early aborts the call.
+    res.once("close", () => {
+      if (!res.writableFinished) ac.abort();
+    });
     const metadata: Record<string, string> = {};
     for (const [k, v] of Object.entries(req.headers)) if (typeof v === "string") metadata[k] = v;
     const ctx: CallContext = {

@@ -28,6 +28,8 @@ export function toServiceError(err: unknown): grpc.StatusObject & Error {
   return Object.assign(new Error(st.message), { code: st.code, details: st.message, metadata });
 }
 
+const asBuffer = (u: Uint8Array): Buffer => (Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength));
+
 const headerRecord = (md: grpc.Metadata): Record<string, string> => {
   const out: Record<string, string> = {};
   for (const [k, v] of Object.entries(md.getMap())) out[k] = typeof v === "string" ? v : v.toString("base64");
@@ -73,25 +75,38 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
       };
       if (!entry.serverStreaming) {
         impl[key] = ((call: grpc.ServerUnaryCall<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) => {
+          // grpc-js emits "cancelled" whenever the stream closes, also after a normal answer;
+          // aborting then would only cost time, so the listener goes before the answer does.
           const ac = new AbortController();
-          call.once("cancelled", () => ac.abort());
+          const onCancel = (): void => ac.abort();
+          call.once("cancelled", onCancel);
+          const answer: grpc.sendUnaryData<Buffer> = (err, bytes) => {
+            call.removeListener("cancelled", onCancel);
+            callback(err, bytes);
+          };
           let request: unknown;
           try {
             request = entry.decode(call.request);
           } catch (e) {
-            callback(toServiceError(e));
+            answer(toServiceError(e));
             return;
           }
-          invoke(interceptors, context(entry, call, ac.signal), request).then(
-            (res) => callback(null, Buffer.from(entry.encode(res))),
-            (err: unknown) => callback(toServiceError(err)),
-          );
+          invoke(interceptors, context(entry, call, ac.signal), request)
+            .then((res) => asBuffer(entry.encode(res)))
+            .then(
+              (bytes) => answer(null, bytes),
+              (err: unknown) => answer(toServiceError(err)),
+            );
         }) as grpc.handleUnaryCall<Buffer, Buffer>;
       } else {
         impl[key] = ((call: grpc.ServerWritableStream<Buffer, Buffer>) => {
           const ac = new AbortController();
-          call.once("cancelled", () => ac.abort());
-          call.once("close", () => ac.abort());
+          let ended = false;
+          const onGone = (): void => {
+            if (!ended) ac.abort();
+          };
+          call.once("cancelled", onGone);
+          call.once("close", onGone);
           let request: unknown;
           try {
             request = entry.decode(call.request);
@@ -106,7 +121,7 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
                   reject(clientGone());
                   return;
                 }
-                if (call.write(Buffer.from(entry.encode(message)))) {
+                if (call.write(asBuffer(entry.encode(message)))) {
                   resolve();
                   return;
                 }
@@ -124,7 +139,10 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
             },
           };
           invoke(interceptors, context(entry, call, ac.signal), request, sink).then(
-            () => call.end(),
+            () => {
+              ended = true;
+              call.end();
+            },
             (err: unknown) => {
               if (!ac.signal.aborted) call.emit("error", toServiceError(err));
             },

@@ -14,9 +14,10 @@ export const loggingInterceptor: Interceptor = async (call, next) => {
   const { ctx } = call;
   try {
     await next();
-    const fields = { rpc: ctx.method.name, actor: ctx.actor, transport: ctx.transport, ms: ms(started), code: "OK" };
-    if (ctx.method.mutating) ctx.log.info(fields, "call");
-    else ctx.log.debug(fields, "call");
+    const level = ctx.method.mutating ? "info" : "debug";
+    if (ctx.log.isLevelEnabled(level)) {
+      ctx.log[level]({ rpc: ctx.method.name, actor: ctx.actor, transport: ctx.transport, ms: ms(started), code: "OK" }, "call");
+    }
   } catch (e) {
     const st = toRpcStatus(e);
     const fields = {

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# npm run bench [-- --duration-ms 5000 --warmup-ms 1000 --concurrency 64 --starts 10 …; --help]
+# Installs dependencies if needed, builds dist/ when a source is newer than the build, then runs
+# the RPC benchmarks (bench/rpc.ts; docs/benchmarks.md). A missed target is printed, never an
+# exit status.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+ensure_node_modules
+
+out=dist/bench/rpc.js
+if [ ! -f "$out" ] || [ ! -f dist/bench/bare-server.js ] || [ ! -f dist/src/server/main.js ] ||
+  [ -n "$(find src gen bench package.json package-lock.json tsconfig.json tsconfig.build.json -newer "$out" -print -quit 2>/dev/null)" ]; then
+  build_dist >&2
+fi
+
+exec node "$out" "$@"
