@@ -41,4 +41,4 @@ async function main(): Promise<void> {
   process.exit(code);
 }
 
-await main();
+void main();

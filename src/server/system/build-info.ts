@@ -14,14 +14,18 @@ export interface BuildInfo {
   readonly buildTime: Date | undefined;
 }
 
-declare const PICCOLOD_BUILD_INFO: BuildInfo | undefined;
+/** Inlined by the single-executable build (esbuild --define); buildTime is an ISO string there. */
+declare const PICCOLOD_BUILD_INFO: { version: string; commit: string; buildTime: string } | undefined;
 
 let cached: BuildInfo | undefined;
 
 /** Reads the build info once. */
 export function buildInfo(): BuildInfo {
   if (cached) return cached;
-  if (typeof PICCOLOD_BUILD_INFO !== "undefined") return (cached = PICCOLOD_BUILD_INFO);
+  if (typeof PICCOLOD_BUILD_INFO !== "undefined" && PICCOLOD_BUILD_INFO) {
+    const b = PICCOLOD_BUILD_INFO;
+    return (cached = { version: b.version, commit: b.commit, buildTime: new Date(b.buildTime) });
+  }
   for (const rel of ["../../../build-info.json", "../../../dist/build-info.json"]) {
     try {
       const j = JSON.parse(readFileSync(fileURLToPath(new URL(rel, import.meta.url)), "utf8")) as {

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Boots a system with QEMU (-accel tcg; nested KVM hangs here) with a virtual TPM from swtpm and a
+# second virtual disk, and checks piccolod in it (the seed's test_piccolo_os_image.sh):
+#   piccolod active as root and answering; restarted within 5 s after kill -9; update-engine held
+#   back while piccolod is unhealthy and started once it is healthy; a key sealed in the guest with
+#   --tpm2-device=auto reaching piccolod through LoadCredentialEncrypted=, and not decrypting on a
+#   fresh TPM (a second boot with a new swtpm state); the API reachable through a port forward.
+# Without --image (CI, and any machine that cannot download Flatcar) it boots a stand-in: a
+# minimal Debian (debootstrap) with a kernel and systemd, cached by the hash of its recipe, with
+# the piccolod sysext merged by systemd-sysext.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: flatcar/test-image.sh [--image FLATCAR_IMAGE] [--cache DIR] [--keep] [--timeout SECONDS] [--help]
+
+  --image FILE     boot this Flatcar image (qemu-flavoured .img) instead of the Debian stand-in;
+                   the sysext and checks are injected through an Ignition config on a config drive
+  --cache DIR      where the stand-in root filesystem is cached (default ~/.cache/piccolo-vm)
+  --keep           keep the work folder (disk images, serial logs) for inspection
+  --timeout S      give up on a boot after S seconds (default 900)
+  --help           show this help
+
+Prints one line per check and a closing "N passed, N failed"; exits non-zero if any check failed.
+USAGE
+}
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+image=""
+cache="${PICCOLO_VM_CACHE:-$HOME/.cache/piccolo-vm}"
+keep=""
+timeout_s=900
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --help|-h) usage; exit 0 ;;
+    --image) image=$2; shift 2 ;;
+    --cache) cache=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    --timeout) timeout_s=$2; shift 2 ;;
+    *) echo "test-image.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$image" ]; then
+  echo "test-image.sh: --image (a real Flatcar image) is not wired up yet on this machine, which cannot download one; run without --image" >&2
+  exit 2
+fi
+
+cd "$root"
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+ensure_debian_packages "qemu-system-x86_64:qemu-system-x86" "swtpm:swtpm" "swtpm_setup:swtpm-tools" \
+  "debootstrap:debootstrap" "mkfs.ext4:e2fsprogs" "mksquashfs:squashfs-tools"
+
+work=$(mktemp -d /tmp/piccolo-vm.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -n "$keep" ]; then echo "work folder kept: $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+# --- the stand-in root filesystem, cached by the hash of its recipe ---
+suite=bookworm
+mirror=http://deb.debian.org/debian
+packages="systemd,systemd-sysv,udev,kmod,dbus,linux-image-amd64,curl,tpm2-tools,cryptsetup-bin,procps,iproute2,e2fsprogs"
+recipe="debootstrap --variant=minbase --include=$packages $suite $mirror v1"
+key=$(printf '%s' "$recipe" | sha256sum | cut -c1-16)
+base="$cache/rootfs-$key.tar"
+if [ ! -f "$base" ]; then
+  echo "==> building the stand-in root filesystem (cached as $base)"
+  mkdir -p "$cache"
+  rfs="$work/rootfs-build"
+  debootstrap --variant=minbase --include="$packages" "$suite" "$rfs" "$mirror" >"$work/debootstrap.log" 2>&1 || {
+    tail -20 "$work/debootstrap.log" >&2; exit 1; }
+  tar -C "$rfs" -cf "$base.tmp" . && mv "$base.tmp" "$base"
+  rm -rf "$rfs"
+else
+  echo "==> stand-in root filesystem from cache ($base)"
+fi
+
+# --- the sysext, built for the stand-in's OS ---
+echo "==> building the piccolod sysext"
+bash "$here/build.sh" --os-id debian --out "$work/build" >"$work/build.log" 2>&1 || { tail -20 "$work/build.log" >&2; exit 1; }
+for f in "$work/build"/piccolod-*.raw; do raw=$f; done
+
+# --- this run's root filesystem ---
+echo "==> preparing the guest"
+rfs="$work/rootfs"
+mkdir -p "$rfs"
+tar -C "$rfs" -xf "$base"
+echo piccolo-vm >"$rfs/etc/hostname"
+printf '/dev/vda / ext4 rw 0 1\n' >"$rfs/etc/fstab"
+install -D -m 0644 "$raw" "$rfs/var/lib/extensions/piccolod.raw"
+mkdir -p "$rfs/etc/systemd/system/multi-user.target.wants" "$rfs/etc/systemd/system/sysinit.target.wants" "$rfs/etc/piccolod"
+ln -sf /lib/systemd/system/systemd-sysext.service "$rfs/etc/systemd/system/sysinit.target.wants/systemd-sysext.service"
+# piccolod's unit comes from the sysext; enabling it is a symlink into /usr/lib, as Ignition would make.
+ln -sf /usr/lib/systemd/system/piccolod.service "$rfs/etc/systemd/system/multi-user.target.wants/piccolod.service"
+echo '{"restListen": "0.0.0.0:8080"}' >"$rfs/etc/piccolod/config.json"
+# Stand-in for Flatcar's update-engine.service; the real drop-in arrives with the sysext.
+cat >"$rfs/etc/systemd/system/update-engine.service" <<'UNIT'
+[Unit]
+Description=update_engine stand-in (the real one marks the booted USR partition good)
+[Service]
+ExecStart=/bin/sleep infinity
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -sf /etc/systemd/system/update-engine.service "$rfs/etc/systemd/system/multi-user.target.wants/update-engine.service"
+install -m 0755 "$here/vm/guest-test.sh" "$rfs/usr/local/sbin/piccolo-vm-test"
+install -m 0755 "$here/place-keys.sh" "$rfs/usr/local/sbin/place-keys.sh"
+cat >"$rfs/etc/systemd/system/piccolo-vm-test.service" <<'UNIT'
+[Unit]
+Description=piccolod checks in the test VM
+After=multi-user.target piccolod.service update-engine.service
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/piccolo-vm-test
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -sf /etc/systemd/system/piccolo-vm-test.service "$rfs/etc/systemd/system/multi-user.target.wants/piccolo-vm-test.service"
+for f in "$rfs"/boot/vmlinuz-*; do cp "$f" "$work/vmlinuz"; done
+for f in "$rfs"/boot/initrd.img-*; do cp "$f" "$work/initrd"; done
+truncate -s 3G "$work/root.img"
+mkfs.ext4 -q -F -L root -d "$rfs" "$work/root.img"
+rm -rf "$rfs"
+truncate -s 1G "$work/disk2.img"
+
+passed=0
+failed=0
+boot() { # boot NAME TPMSTATE CMDLINE_EXTRA
+  local name=$1 tpmdir=$2 extra=$3 port
+  mkdir -p "$tpmdir"
+  swtpm socket --tpm2 --tpmstate dir="$tpmdir" --ctrl type=unixio,path="$work/$name-tpm.sock" \
+    --log file="$work/$name-swtpm.log" --daemon --pid file="$work/$name-swtpm.pid"
+  pids+=("$(cat "$work/$name-swtpm.pid")")
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  echo "==> booting ($name; API forwarded to 127.0.0.1:$port)"
+  local t0=$SECONDS
+  timeout "$timeout_s" qemu-system-x86_64 -accel tcg -m 1536 -smp 2 -nographic -no-reboot \
+    -kernel "$work/vmlinuz" -initrd "$work/initrd" \
+    -append "console=ttyS0 root=/dev/vda rw panic=-1 systemd.show_status=0 piccolo.test=$extra" \
+    -drive file="$work/root.img",format=raw,if=virtio -drive file="$work/disk2.img",format=raw,if=virtio \
+    -chardev socket,id=chrtpm,path="$work/$name-tpm.sock" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0 \
+    -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$port"-:8080 -device virtio-net-pci,netdev=n0 \
+    >"$work/$name-serial.log" 2>&1 &
+  local qpid=$!
+  pids+=("$qpid")
+  if [ "$extra" = main ]; then
+    # From the host, through the port forward, while the guest runs its checks.
+    local reached=""
+    for _ in $(seq 1 "$timeout_s"); do
+      if curl -fsS --max-time 2 "http://127.0.0.1:$port/api/v1/version" >"$work/host-version.json" 2>/dev/null; then reached=1; break; fi
+      kill -0 "$qpid" 2>/dev/null || break
+      sleep 1
+    done
+    if [ -n "$reached" ]; then
+      echo "PICCOLO-CHECK PASS host_reaches_api $(grep -o '"version":"[^"]*"' "$work/host-version.json")" >>"$work/host-checks.log"
+    else
+      echo "PICCOLO-CHECK FAIL host_reaches_api no answer on 127.0.0.1:$port" >>"$work/host-checks.log"
+    fi
+  fi
+  wait "$qpid" || true
+  echo "    guest ran for $((SECONDS - t0)) s"
+  if ! grep -q PICCOLO-DONE "$work/$name-serial.log"; then
+    echo "PICCOLO-CHECK FAIL ${name}_boot_completed the guest did not finish its checks (serial log tail below)" >>"$work/host-checks.log"
+    tail -30 "$work/$name-serial.log" | sed 's/^/    | /'
+  fi
+}
+
+boot main "$work/tpm-main" main
+boot fresh "$work/tpm-fresh" fresh-tpm
+
+echo "==> results"
+while read -r line; do
+  case "$line" in
+    *"PICCOLO-CHECK PASS "*) passed=$((passed + 1)); echo "  PASS ${line#*PICCOLO-CHECK PASS }" ;;
+    *"PICCOLO-CHECK FAIL "*) failed=$((failed + 1)); echo "  FAIL ${line#*PICCOLO-CHECK FAIL }" ;;
+  esac
+done < <(cat "$work"/main-serial.log "$work"/fresh-serial.log "$work/host-checks.log" 2>/dev/null | tr -d '\r' | grep -a "PICCOLO-CHECK")
+echo "vm: $passed passed, $failed failed"
+[ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]

@@ -1,0 +1,94 @@
+#!/bin/bash
+# Runs inside the booted test VM (as piccolo-vm-test.service) and prints one line per check to the
+# serial console: "PICCOLO-CHECK PASS|FAIL <name> <detail>", then "PICCOLO-DONE", then powers off.
+# The mode comes from the kernel command line: piccolo.test=main (default) or piccolo.test=fresh-tpm.
+set -uo pipefail
+exec >/dev/ttyS0 2>&1
+
+pass() { echo "PICCOLO-CHECK PASS $1 ${2:-}"; }
+fail() { echo "PICCOLO-CHECK FAIL $1 ${2:-}"; }
+check() { local name=$1; shift; if out=$("$@" 2>&1); then pass "$name" "$(echo "$out" | tail -1)"; else fail "$name" "$(echo "$out" | tail -3 | tr '\n' ' ')"; fi; }
+api() { curl -fsS --max-time 3 "http://127.0.0.1:8080$1"; }
+wait_api() { for _ in $(seq 1 "${1:-100}"); do api /api/v1/version >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+main_pid() { systemctl show -p MainPID --value piccolod.service; }
+
+mode=main
+read -ra cmdline </proc/cmdline
+for w in "${cmdline[@]}"; do case "$w" in piccolo.test=*) mode=${w#piccolo.test=} ;; esac; done
+echo "PICCOLO-MODE $mode"
+blob_disk=/dev/vdb
+
+if [ "$mode" = fresh-tpm ]; then
+  # The sealed credential from the first boot, read back from the second disk.
+  len=$(head -c 16 "$blob_disk" | tr -d '\0 ')
+  head -c $((16 + len)) "$blob_disk" | tail -c "$len" >/tmp/sealed
+  if systemd-creds decrypt --name=piccolod_vm-key /tmp/sealed - >/tmp/out 2>/tmp/err; then
+    fail fresh_tpm_refuses_key "decrypted on a fresh TPM: $(cat /tmp/out)"
+  else
+    pass fresh_tpm_refuses_key "$(tail -1 /tmp/err)"
+  fi
+  echo PICCOLO-DONE
+  systemctl poweroff
+  exit 0
+fi
+
+# 1. The sysext is merged and piccolod runs as root and answers.
+check sysext_merged sh -c 'systemd-sysext status --no-pager | grep -q piccolod && systemd-sysext status --no-pager | tail -3'
+check unit_verifies systemd-analyze verify --man=no /usr/lib/systemd/system/piccolod.service
+wait_api 300 || true
+check piccolod_active systemctl is-active piccolod.service
+pid=$(main_pid)
+check runs_as_root sh -c "test \"\$(ps -o user= -p $pid | tr -d ' ')\" = root && echo 'user root, pid $pid'"
+check api_version sh -c "curl -fsS --max-time 3 http://127.0.0.1:8080/api/v1/version | grep -o '\"version\":\"[^\"]*\"'"
+check tpm_seen sh -c 'curl -fsS http://127.0.0.1:8080/api/v1/health | grep -o "\"name\":\"tpm_device\",\"status\":\"CHECK_STATUS_PASS\""'
+
+# 2. kill -9: systemd restarts it within 5 s and the API answers again.
+old=$(main_pid)
+start=$(date +%s%N)
+kill -9 "$old"
+ok=""
+while [ $(( ($(date +%s%N) - start) / 1000000 )) -lt 5000 ]; do
+  new=$(main_pid)
+  if [ "$new" != 0 ] && [ "$new" != "$old" ] && api /api/v1/version >/dev/null 2>&1; then ok=1; break; fi
+  sleep 0.1
+done
+ms=$(( ($(date +%s%N) - start) / 1000000 ))
+if [ -n "$ok" ]; then pass restart_after_kill9 "back in ${ms} ms (pid $old -> $(main_pid))"; else fail restart_after_kill9 "not back after ${ms} ms"; fi
+
+# 3. Health gate: update-engine (a stand-in unit with the real drop-in) needs a healthy piccolod.
+check update_engine_dropin sh -c 'systemctl show -p Requires -p After update-engine.service | tr "\n" " " | grep -q "piccolod.service" && echo "Requires/After piccolod.service"'
+check update_engine_active_when_healthy systemctl is-active update-engine.service
+systemctl stop update-engine.service
+mkdir -p /etc/piccolod
+echo '{"stateDir": "/dev/null/not-a-folder", "restListen": "0.0.0.0:8080"}' >/etc/piccolod/config.json
+systemctl stop piccolod.service
+out=$(systemctl start update-engine.service 2>&1); rc=$?
+state=$(systemctl is-active update-engine.service)
+if [ $rc -ne 0 ] && [ "$state" != active ] && echo "$out" | grep -qi "dependency"; then
+  pass update_engine_blocked_when_unhealthy "$(echo "$out" | head -1)"
+else
+  fail update_engine_blocked_when_unhealthy "rc=$rc state=$state out=$out"
+fi
+if journalctl -u piccolod.service --no-pager -n 50 | grep -q "state_dir_writable"; then
+  pass unhealthy_reason_logged "state_dir_writable in the journal"
+else
+  fail unhealthy_reason_logged "no start-up check failure in the journal"
+fi
+echo '{"restListen": "0.0.0.0:8080"}' >/etc/piccolod/config.json
+systemctl reset-failed piccolod.service update-engine.service
+check update_engine_starts_when_healthy_again sh -c 'systemctl start update-engine.service && systemctl is-active update-engine.service piccolod.service | tr "\n" " "'
+wait_api 100 || true
+
+# 4. A key sealed with --tpm2-device=auto reaches piccolod through LoadCredentialEncrypted=.
+secret="vm-secret-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+printf %s "$secret" | /usr/local/sbin/place-keys.sh vm-key >/dev/null 2>/tmp/seal.err
+systemctl restart piccolod.service
+wait_api 100 || true
+got=$(cat /run/credentials/piccolod.service/piccolod_vm-key 2>/dev/null || true)
+if [ "$got" = "$secret" ]; then pass credential_reaches_piccolod "\$CREDENTIALS_DIRECTORY/piccolod_vm-key matches"; else fail credential_reaches_piccolod "got '${got}' ($(cat /tmp/seal.err))"; fi
+# Keep the sealed blob for the fresh-TPM boot: a 16-byte length header, then the bytes.
+blob=/var/lib/piccolod/credstore/vm-key
+{ printf '%-16s' "$(stat -c %s "$blob")"; cat "$blob"; } | dd of="$blob_disk" bs=4096 conv=fsync status=none && pass sealed_blob_saved "$(stat -c %s "$blob") bytes"
+
+echo PICCOLO-DONE
+systemctl poweroff
