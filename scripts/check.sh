@@ -25,6 +25,9 @@ if ! diff -r gen "$tmp/gen" >"$tmp/diff" 2>&1; then
 fi
 echo "==> tsc --noEmit"
 node_modules/.bin/tsc -p tsconfig.json --noEmit
+echo "==> shellcheck"
+ensure_debian_packages "shellcheck:shellcheck"
+shellcheck -x scripts/*.sh flatcar/*.sh flatcar/vm/*.sh .ci/run
 echo "==> eslint (warnings are errors)"
 node_modules/.bin/eslint --max-warnings 0 .
 echo "==> no circular imports"
