@@ -158,6 +158,7 @@ async function buildRequestJson(route: Route, vars: Map<string, string>, url: UR
       if (bound.has(protoPath)) throw bad(key, "is already given in the path");
       if (body !== "" && protoPath === body) throw bad(key, "is given in the body");
       const last = steps[steps.length - 1]!;
+      if (last.fieldKind !== "list" && url.searchParams.getAll(key).length > 1) throw bad(key, "is given more than once");
       if (last.fieldKind === "message" && !last.message.typeName.startsWith("google.protobuf.")) {
         throw bad(key, "a message field cannot be set from the query string; set its fields (a.b=…)");
       }
