@@ -94,6 +94,31 @@ printf '/dev/vda / ext4 rw 0 1\n' >"$rfs/etc/fstab"
 install -D -m 0644 "$raw" "$rfs/var/lib/extensions/piccolod.raw"
 mkdir -p "$rfs/etc/systemd/system/multi-user.target.wants" "$rfs/etc/systemd/system/sysinit.target.wants" "$rfs/etc/piccolod"
 ln -sf /lib/systemd/system/systemd-sysext.service "$rfs/etc/systemd/system/sysinit.target.wants/systemd-sysext.service"
+# DHCP on the user-mode network, so the host reaches the API through QEMU's port forward.
+mkdir -p "$rfs/etc/systemd/network" "$rfs/etc/systemd/system/sockets.target.wants"
+printf '[Match]\nName=en* eth*\n[Network]\nDHCP=yes\n' >"$rfs/etc/systemd/network/20-dhcp.network"
+ln -sf /lib/systemd/system/systemd-networkd.service "$rfs/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+ln -sf /lib/systemd/system/systemd-networkd.socket "$rfs/etc/systemd/system/sockets.target.wants/systemd-networkd.socket"
+# Units that arrive with a sysext are not known when systemd first builds the boot transaction;
+# Flatcar's ensure-sysext.service reloads systemd after the merge and re-queues the targets. The
+# stand-in gets the same unit.
+cat >"$rfs/etc/systemd/system/ensure-sysext.service" <<'UNIT'
+[Unit]
+Description=Start units from merged system extensions (as Flatcar's ensure-sysext.service)
+BindsTo=systemd-sysext.service
+After=systemd-sysext.service
+DefaultDependencies=no
+Before=sysinit.target shutdown.target
+Conflicts=shutdown.target
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/systemctl daemon-reload
+ExecStart=/bin/systemctl restart --no-block sockets.target timers.target multi-user.target
+[Install]
+WantedBy=sysinit.target
+UNIT
+ln -sf /etc/systemd/system/ensure-sysext.service "$rfs/etc/systemd/system/sysinit.target.wants/ensure-sysext.service"
 # piccolod's unit comes from the sysext; enabling it is a symlink into /usr/lib, as Ignition would make.
 ln -sf /usr/lib/systemd/system/piccolod.service "$rfs/etc/systemd/system/multi-user.target.wants/piccolod.service"
 echo '{"restListen": "0.0.0.0:8080"}' >"$rfs/etc/piccolod/config.json"
@@ -107,14 +132,19 @@ ExecStart=/bin/sleep infinity
 WantedBy=multi-user.target
 UNIT
 ln -sf /etc/systemd/system/update-engine.service "$rfs/etc/systemd/system/multi-user.target.wants/update-engine.service"
+# The checks report on the serial console; a getty there would hang up their output.
+ln -sf /dev/null "$rfs/etc/systemd/system/serial-getty@ttyS0.service"
+ln -sf /dev/null "$rfs/etc/systemd/system/getty@tty1.service"
 install -m 0755 "$here/vm/guest-test.sh" "$rfs/usr/local/sbin/piccolo-vm-test"
 install -m 0755 "$here/place-keys.sh" "$rfs/usr/local/sbin/place-keys.sh"
 cat >"$rfs/etc/systemd/system/piccolo-vm-test.service" <<'UNIT'
 [Unit]
 Description=piccolod checks in the test VM
-After=multi-user.target piccolod.service update-engine.service
+After=ensure-sysext.service piccolod.service update-engine.service
 [Service]
 Type=oneshot
+# Stays "active" so the re-queued multi-user.target does not run the checks twice.
+RemainAfterExit=yes
 ExecStart=/usr/local/sbin/piccolo-vm-test
 [Install]
 WantedBy=multi-user.target
@@ -151,7 +181,7 @@ boot() { # boot NAME TPMSTATE CMDLINE_EXTRA
     # From the host, through the port forward, while the guest runs its checks.
     local reached=""
     for _ in $(seq 1 "$timeout_s"); do
-      if curl -fsS --max-time 2 "http://127.0.0.1:$port/api/v1/version" >"$work/host-version.json" 2>/dev/null; then reached=1; break; fi
+      if curl -fsS --max-time 30 "http://127.0.0.1:$port/api/v1/version" >"$work/host-version.json" 2>/dev/null; then reached=1; break; fi
       kill -0 "$qpid" 2>/dev/null || break
       sleep 1
     done

@@ -10,9 +10,12 @@ cd "$(dirname "$0")/.."
 ensure_node_modules
 
 out=dist/bench/rpc.js
-if [ ! -f "$out" ] || [ ! -f dist/bench/bare-server.js ] || [ ! -f dist/src/server/main.js ] ||
+if [ ! -f "$out" ] || [ ! -f dist/bench/bare-server.js ] || [ ! -f dist/src/server/main.js ] || [ ! -f dist/piccolod.cjs ] ||
   [ -n "$(find src gen bench package.json package-lock.json tsconfig.json tsconfig.build.json -newer "$out" -print -quit 2>/dev/null)" ]; then
   build_dist >&2
 fi
 
+# Start-up and memory are measured on the bundled daemon (dist/piccolod.cjs), the form that ships
+# in the single executable; BENCH_DAEMON=dist/src/server/main.js measures the unbundled tree.
+export BENCH_DAEMON=${BENCH_DAEMON:-dist/piccolod.cjs}
 exec node "$out" "$@"

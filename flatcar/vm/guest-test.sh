@@ -5,11 +5,21 @@
 set -uo pipefail
 exec >/dev/ttyS0 2>&1
 
+failures=0
 pass() { echo "PICCOLO-CHECK PASS $1 ${2:-}"; }
-fail() { echo "PICCOLO-CHECK FAIL $1 ${2:-}"; }
+fail() { echo "PICCOLO-CHECK FAIL $1 ${2:-}"; failures=$((failures + 1)); }
 check() { local name=$1; shift; if out=$("$@" 2>&1); then pass "$name" "$(echo "$out" | tail -1)"; else fail "$name" "$(echo "$out" | tail -3 | tr '\n' ' ')"; fi; }
-api() { curl -fsS --max-time 3 "http://127.0.0.1:8080$1"; }
-wait_api() { for _ in $(seq 1 "${1:-100}"); do api /api/v1/version >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+# Under TCG emulation everything is 10-50x slower than on hardware: generous timeouts.
+api() { curl -fsS --max-time 60 "http://127.0.0.1:8080$1"; }
+# wait_api SECONDS: until the API answers, or SECONDS pass.
+wait_api() {
+  local end=$((SECONDS + ${1:-120}))
+  while [ $SECONDS -lt "$end" ]; do
+    curl -fsS --max-time 10 http://127.0.0.1:8080/api/v1/version >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  return 1
+}
 main_pid() { systemctl show -p MainPID --value piccolod.service; }
 
 mode=main
@@ -34,25 +44,32 @@ fi
 
 # 1. The sysext is merged and piccolod runs as root and answers.
 check sysext_merged sh -c 'systemd-sysext status --no-pager | grep -q piccolod && systemd-sysext status --no-pager | tail -3'
-wait_api 300 || true
+t0=$SECONDS
+if wait_api 300; then pass api_up "answering $((SECONDS - t0)) s after the checks began"; else fail api_up "no answer within 300 s"; fi
 check piccolod_active systemctl is-active piccolod.service
 pid=$(main_pid)
 check runs_as_root sh -c "test \"\$(ps -o user= -p $pid | tr -d ' ')\" = root && echo 'user root, pid $pid'"
-check api_version sh -c "curl -fsS --max-time 3 http://127.0.0.1:8080/api/v1/version | grep -o '\"version\":\"[^\"]*\"'"
-check tpm_seen sh -c 'curl -fsS http://127.0.0.1:8080/api/v1/health | grep -o "\"name\":\"tpm_device\",\"status\":\"CHECK_STATUS_PASS\""'
+check api_version sh -c "curl -fsS --max-time 60 http://127.0.0.1:8080/api/v1/version | grep -o '\"version\":\"[^\"]*\"'"
+check tpm_seen sh -c 'curl -fsS --max-time 60 http://127.0.0.1:8080/api/v1/health | grep -o "\"name\":\"tpm_device\",\"status\":\"CHECK_STATUS_PASS\""'
 
-# 2. kill -9: systemd restarts it within 5 s and the API answers again.
+# 2. kill -9: systemd restarts it within 5 s (a new main process), and the API answers again
+#    (how long that takes under emulation is reported, not bounded: Node starts 10-50x slower here).
 old=$(main_pid)
 start=$(date +%s%N)
 kill -9 "$old"
-ok=""
+new=""
 while [ $(( ($(date +%s%N) - start) / 1000000 )) -lt 5000 ]; do
-  new=$(main_pid)
-  if [ "$new" != 0 ] && [ "$new" != "$old" ] && api /api/v1/version >/dev/null 2>&1; then ok=1; break; fi
+  cur=$(main_pid)
+  if [ "$cur" != 0 ] && [ "$cur" != "$old" ]; then new=$cur; break; fi
   sleep 0.1
 done
 ms=$(( ($(date +%s%N) - start) / 1000000 ))
-if [ -n "$ok" ]; then pass restart_after_kill9 "back in ${ms} ms (pid $old -> $(main_pid))"; else fail restart_after_kill9 "not back after ${ms} ms"; fi
+if [ -n "$new" ]; then pass restarted_within_5s "new main process $new after ${ms} ms (was $old)"; else fail restarted_within_5s "no new main process after ${ms} ms"; fi
+if wait_api 300; then
+  pass api_back_after_kill9 "API answering $(( ($(date +%s%N) - start) / 1000000 )) ms after kill -9 (under TCG)"
+else
+  fail api_back_after_kill9 "API not back within 300 s"
+fi
 
 # 3. Health gate: update-engine (a stand-in unit with the real drop-in) needs a healthy piccolod.
 check update_engine_dropin sh -c 'systemctl show -p Requires -p After update-engine.service | tr "\n" " " | grep -q "piccolod.service" && echo "Requires/After piccolod.service"'
@@ -76,18 +93,24 @@ fi
 echo '{"restListen": "0.0.0.0:8080"}' >/etc/piccolod/config.json
 systemctl reset-failed piccolod.service update-engine.service
 check update_engine_starts_when_healthy_again sh -c 'systemctl start update-engine.service && systemctl is-active update-engine.service piccolod.service | tr "\n" " "'
-wait_api 100 || true
+wait_api 300 || true
 
 # 4. A key sealed with --tpm2-device=auto reaches piccolod through LoadCredentialEncrypted=.
 secret="vm-secret-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 printf %s "$secret" | /usr/local/sbin/place-keys.sh vm-key >/dev/null 2>/tmp/seal.err
 systemctl restart piccolod.service
-wait_api 100 || true
+wait_api 300 || true
 got=$(cat /run/credentials/piccolod.service/piccolod_vm-key 2>/dev/null || true)
 if [ "$got" = "$secret" ]; then pass credential_reaches_piccolod "\$CREDENTIALS_DIRECTORY/piccolod_vm-key matches"; else fail credential_reaches_piccolod "got '${got}' ($(cat /tmp/seal.err))"; fi
 # Keep the sealed blob for the fresh-TPM boot: a 16-byte length header, then the bytes.
 blob=/var/lib/piccolod/credstore/vm-key
 { printf '%-16s' "$(stat -c %s "$blob")"; cat "$blob"; } | dd of="$blob_disk" bs=4096 conv=fsync status=none && pass sealed_blob_saved "$(stat -c %s "$blob") bytes"
+
+if [ "$failures" -gt 0 ]; then
+  echo "--- piccolod journal (last 40 lines) ---"
+  journalctl -u piccolod.service --no-pager -n 40 -o short-monotonic | cut -c1-300
+  echo "---"
+fi
 
 # 5. The installed unit verifies in the booted system (slow under emulation, hence last and bounded).
 check unit_verifies timeout 300 systemd-analyze verify --man=no /usr/lib/systemd/system/piccolod.service
