@@ -14,8 +14,9 @@ usage() {
   cat <<'USAGE'
 Usage: flatcar/test-image.sh [--image FLATCAR_IMAGE] [--cache DIR] [--keep] [--timeout SECONDS] [--help]
 
-  --image FILE     boot this Flatcar image (qemu-flavoured .img) instead of the Debian stand-in;
-                   the sysext and checks are injected through an Ignition config on a config drive
+  --image FILE     boot this Flatcar image (flatcar_production_qemu_image.img) instead of the
+                   Debian stand-in: the sysext and the checks arrive through an Ignition config on
+                   QEMU's fw_cfg, the sysext from a loopback HTTP server (10.0.2.2 in the guest)
   --cache DIR      where the stand-in root filesystem is cached (default ~/.cache/piccolo-vm)
   --keep           keep the work folder (disk images, serial logs) for inspection
   --timeout S      give up on a boot after S seconds (default 900)
@@ -41,8 +42,8 @@ while [ $# -gt 0 ]; do
     *) echo "test-image.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-if [ -n "$image" ]; then
-  echo "test-image.sh: --image (a real Flatcar image) is not wired up yet on this machine, which cannot download one; run without --image" >&2
+if [ -n "$image" ] && [ ! -f "$image" ]; then
+  echo "test-image.sh: --image $image: no such file" >&2
   exit 2
 fi
 
@@ -60,6 +61,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The unit that runs the in-guest checks (flatcar/vm/guest-test.sh) on every boot.
+test_unit='[Unit]
+Description=piccolod checks in the test VM
+After=ensure-sysext.service piccolod.service update-engine.service
+[Service]
+Type=oneshot
+# Stays "active" so a re-queued multi-user.target does not run the checks twice.
+RemainAfterExit=yes
+ExecStart=/opt/piccolo-test/guest-test.sh
+[Install]
+WantedBy=multi-user.target'
+
+prepare_standin() {
 # --- the stand-in root filesystem, cached by the hash of its recipe ---
 suite=bookworm
 mirror=http://deb.debian.org/debian
@@ -135,20 +149,9 @@ ln -sf /etc/systemd/system/update-engine.service "$rfs/etc/systemd/system/multi-
 # The checks report on the serial console; a getty there would hang up their output.
 ln -sf /dev/null "$rfs/etc/systemd/system/serial-getty@ttyS0.service"
 ln -sf /dev/null "$rfs/etc/systemd/system/getty@tty1.service"
-install -m 0755 "$here/vm/guest-test.sh" "$rfs/usr/local/sbin/piccolo-vm-test"
-install -m 0755 "$here/place-keys.sh" "$rfs/usr/local/sbin/place-keys.sh"
-cat >"$rfs/etc/systemd/system/piccolo-vm-test.service" <<'UNIT'
-[Unit]
-Description=piccolod checks in the test VM
-After=ensure-sysext.service piccolod.service update-engine.service
-[Service]
-Type=oneshot
-# Stays "active" so the re-queued multi-user.target does not run the checks twice.
-RemainAfterExit=yes
-ExecStart=/usr/local/sbin/piccolo-vm-test
-[Install]
-WantedBy=multi-user.target
-UNIT
+install -D -m 0755 "$here/vm/guest-test.sh" "$rfs/opt/piccolo-test/guest-test.sh"
+install -D -m 0755 "$here/place-keys.sh" "$rfs/opt/piccolo-test/place-keys.sh"
+printf '%s\n' "$test_unit" >"$rfs/etc/systemd/system/piccolo-vm-test.service"
 ln -sf /etc/systemd/system/piccolo-vm-test.service "$rfs/etc/systemd/system/multi-user.target.wants/piccolo-vm-test.service"
 for f in "$rfs"/boot/vmlinuz-*; do cp "$f" "$work/vmlinuz"; done
 for f in "$rfs"/boot/initrd.img-*; do cp "$f" "$work/initrd"; done
@@ -156,28 +159,75 @@ truncate -s 3G "$work/root.img"
 mkfs.ext4 -q -F -L root -d "$rfs" "$work/root.img"
 rm -rf "$rfs"
 truncate -s 1G "$work/disk2.img"
+qemu_boot=(-kernel "$work/vmlinuz" -initrd "$work/initrd" -append "console=ttyS0 root=/dev/vda rw panic=-1 systemd.show_status=0"
+  -drive "file=$work/root.img,format=raw,if=virtio")
+}
+
+prepare_flatcar() {
+  # A real Flatcar image: the sysext and the checks arrive through Ignition (QEMU's fw_cfg), the
+  # sysext itself from a loopback HTTP server the guest reaches at 10.0.2.2 (QEMU user network).
+  ensure_debian_packages "qemu-img:qemu-utils"
+  local http_port www fmt
+  http_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  echo "==> building the piccolod sysext (flatcar)"
+  bash "$here/build.sh" --os-id flatcar --out "$work/build" --sysext-url "http://10.0.2.2:$http_port/piccolod.raw" \
+    >"$work/build.log" 2>&1 || { tail -20 "$work/build.log" >&2; exit 1; }
+  www="$work/www"
+  mkdir -p "$www"
+  for f in "$work/build"/piccolod-*.raw; do ln -sf "$f" "$www/piccolod.raw"; done
+  cp "$work/build/piccolod.ign" "$www/piccolod.ign"
+  python3 -m http.server --bind 127.0.0.1 --directory "$www" "$http_port" >"$work/http.log" 2>&1 &
+  pids+=("$!")
+  b64() { base64 -w0 "$1"; }
+  printf '{"restListen": "0.0.0.0:8080"}\n' >"$work/config.json"
+  printf '%s\n' "$test_unit" >"$work/piccolo-vm-test.service"
+  python3 - "$work" "$http_port" "$(b64 "$here/vm/guest-test.sh")" "$(b64 "$here/place-keys.sh")" "$(b64 "$work/config.json")" <<'PY'
+import json, sys
+work, port, guest, keys, conf = sys.argv[1:]
+unit = open(f"{work}/piccolo-vm-test.service").read()
+ign = {
+  "ignition": {"version": "3.3.0", "config": {"merge": [{"source": f"http://10.0.2.2:{port}/piccolod.ign"}]}},
+  "storage": {"files": [
+    {"path": "/opt/piccolo-test/guest-test.sh", "mode": 493, "contents": {"source": "data:;base64," + guest}},
+    {"path": "/opt/piccolo-test/place-keys.sh", "mode": 493, "contents": {"source": "data:;base64," + keys}},
+    {"path": "/etc/piccolod/config.json", "mode": 420, "contents": {"source": "data:;base64," + conf}},
+  ]},
+  "systemd": {"units": [
+    {"name": "piccolo-vm-test.service", "enabled": True, "contents": unit},
+    {"name": "serial-getty@ttyS0.service", "mask": True},
+  ]},
+}
+json.dump(ign, open(f"{work}/test.ign", "w"), indent=1)
+PY
+  ignition-validate "$work/test.ign"
+  fmt=$(qemu-img info --output=json "$image" | python3 -c 'import json,sys; print(json.load(sys.stdin)["format"])')
+  qemu-img create -q -f qcow2 -F "$fmt" -b "$(readlink -f "$image")" "$work/root.qcow2"
+  truncate -s 1G "$work/disk2.img"
+  qemu_boot=(-drive "file=$work/root.qcow2,format=qcow2,if=virtio" -fw_cfg "name=opt/org.flatcar-linux/config,file=$work/test.ign")
+}
+
+if [ -n "$image" ]; then prepare_flatcar; else prepare_standin; fi
 
 passed=0
 failed=0
-boot() { # boot NAME TPMSTATE CMDLINE_EXTRA
-  local name=$1 tpmdir=$2 extra=$3 port
+boot() { # boot NAME TPMSTATE MODE
+  local name=$1 tpmdir=$2 mode=$3 port
   mkdir -p "$tpmdir"
+  printf 'PICCOLO-MODE=%s' "$mode" | dd of="$work/disk2.img" bs=64 count=1 conv=notrunc,sync status=none
   swtpm socket --tpm2 --tpmstate dir="$tpmdir" --ctrl type=unixio,path="$work/$name-tpm.sock" \
     --log file="$work/$name-swtpm.log" --daemon --pid file="$work/$name-swtpm.pid"
   pids+=("$(cat "$work/$name-swtpm.pid")")
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   echo "==> booting ($name; API forwarded to 127.0.0.1:$port)"
   local t0=$SECONDS
-  timeout "$timeout_s" qemu-system-x86_64 -accel tcg -m 1536 -smp 2 -nographic -no-reboot \
-    -kernel "$work/vmlinuz" -initrd "$work/initrd" \
-    -append "console=ttyS0 root=/dev/vda rw panic=-1 systemd.show_status=0 piccolo.test=$extra" \
-    -drive file="$work/root.img",format=raw,if=virtio -drive file="$work/disk2.img",format=raw,if=virtio \
+  timeout "$timeout_s" qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -nographic -no-reboot \
+    "${qemu_boot[@]}" -drive file="$work/disk2.img",format=raw,if=virtio \
     -chardev socket,id=chrtpm,path="$work/$name-tpm.sock" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0 \
     -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$port"-:8080 -device virtio-net-pci,netdev=n0 \
     >"$work/$name-serial.log" 2>&1 &
   local qpid=$!
   pids+=("$qpid")
-  if [ "$extra" = main ]; then
+  if [ "$mode" = main ]; then
     # From the host, through the port forward, while the guest runs its checks.
     local reached=""
     for _ in $(seq 1 "$timeout_s"); do

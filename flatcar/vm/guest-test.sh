@@ -22,16 +22,21 @@ wait_api() {
 }
 main_pid() { systemctl show -p MainPID --value piccolod.service; }
 
-mode=main
-read -ra cmdline </proc/cmdline
-for w in "${cmdline[@]}"; do case "$w" in piccolo.test=*) mode=${w#piccolo.test=} ;; esac; done
-echo "PICCOLO-MODE $mode"
+# The second disk carries the mode in its first bytes ("PICCOLO-MODE=main|fresh-tpm", written by
+# the host before each boot) and, from 1 MiB on, the sealed key saved by the main boot. A disk
+# works the same on the Debian stand-in and on Flatcar, whose kernel command line the host
+# cannot set.
 blob_disk=/dev/vdb
+mode=$(head -c 64 "$blob_disk" | tr -d '\0' | sed -n 's/^PICCOLO-MODE=\([a-z-]*\).*/\1/p')
+mode=${mode:-main}
+echo "PICCOLO-MODE $mode"
+here=$(dirname "$(readlink -f "$0")")
 
 if [ "$mode" = fresh-tpm ]; then
   # The sealed credential from the first boot, read back from the second disk.
-  len=$(head -c 16 "$blob_disk" | tr -d '\0 ')
-  head -c $((16 + len)) "$blob_disk" | tail -c "$len" >/tmp/sealed
+  dd if="$blob_disk" of=/tmp/blob bs=4096 skip=256 count=16 status=none
+  len=$(head -c 16 /tmp/blob | tr -d '\0 ')
+  head -c $((16 + len)) /tmp/blob | tail -c "$len" >/tmp/sealed
   if systemd-creds decrypt --name=piccolod_vm-key /tmp/sealed - >/tmp/out 2>/tmp/err; then
     fail fresh_tpm_refuses_key "decrypted on a fresh TPM: $(cat /tmp/out)"
   else
@@ -97,14 +102,14 @@ wait_api 300 || true
 
 # 4. A key sealed with --tpm2-device=auto reaches piccolod through LoadCredentialEncrypted=.
 secret="vm-secret-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-printf %s "$secret" | /usr/local/sbin/place-keys.sh vm-key >/dev/null 2>/tmp/seal.err
+printf %s "$secret" | "$here/place-keys.sh" vm-key >/dev/null 2>/tmp/seal.err
 systemctl restart piccolod.service
 wait_api 300 || true
 got=$(cat /run/credentials/piccolod.service/piccolod_vm-key 2>/dev/null || true)
 if [ "$got" = "$secret" ]; then pass credential_reaches_piccolod "\$CREDENTIALS_DIRECTORY/piccolod_vm-key matches"; else fail credential_reaches_piccolod "got '${got}' ($(cat /tmp/seal.err))"; fi
 # Keep the sealed blob for the fresh-TPM boot: a 16-byte length header, then the bytes.
 blob=/var/lib/piccolod/credstore/vm-key
-{ printf '%-16s' "$(stat -c %s "$blob")"; cat "$blob"; } | dd of="$blob_disk" bs=4096 conv=fsync status=none && pass sealed_blob_saved "$(stat -c %s "$blob") bytes"
+{ printf '%-16s' "$(stat -c %s "$blob")"; cat "$blob"; } | dd of="$blob_disk" bs=4096 seek=256 conv=fsync status=none && pass sealed_blob_saved "$(stat -c %s "$blob") bytes"
 
 if [ "$failures" -gt 0 ]; then
   echo "--- piccolod journal (last 40 lines) ---"
