@@ -18,4 +18,13 @@ fi
 # Start-up and memory are measured on the bundled daemon (dist/piccolod.cjs), the form that ships
 # in the single executable; BENCH_DAEMON=dist/src/server/main.js measures the unbundled tree.
 export BENCH_DAEMON=${BENCH_DAEMON:-dist/piccolod.cjs}
-exec node "$out" "$@"
+echo "==> RPC (bench/rpc.ts)"
+node "$out" "$@"
+echo
+echo "==> containers (bench/containers.ts; a private dockerd)"
+ensure_debian_packages "dockerd:docker.io" "busybox:busybox-static"
+node dist/bench/containers.js
+echo
+echo "==> single executable (bench/sea.ts; flatcar/build.sh)"
+[ -x flatcar/out/piccolod ] || bash flatcar/build.sh >&2
+node dist/bench/sea.js

@@ -31,6 +31,13 @@ export const ConfigSchema = z
     auditLog: z.string().optional(),
     /** Docker engine socket. */
     dockerSocket: absPath.default("/var/run/docker.sock"),
+    /**
+     * Host folders containers may bind-mount (each folder and what is below it), and where image
+     * import tarballs and build contexts must be. "/" is refused: it would allow everything.
+     */
+    containerDataRoots: z
+      .array(absPath.refine((s) => s.replace(/\/+$/, "") !== "", { message: '"/" cannot be a data root' }))
+      .default(["/var/lib/piccolo/data"]),
     /** D-Bus system bus address (unix:path=…). */
     systemBusAddress: z
       .string()
@@ -67,7 +74,7 @@ type Origin = string;
 const KEYS = Object.keys(ConfigSchema.shape) as (keyof z.infer<typeof ConfigSchema>)[];
 const envName = (k: string): string => "PICCOLOD_" + k.replace(/[A-Z]/g, (c) => "_" + c).toUpperCase();
 const flagName = (k: string): string => k.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase());
-const ARRAY_KEYS = new Set(["tpmDevices", "osReleaseFiles"]);
+const ARRAY_KEYS = new Set(["tpmDevices", "osReleaseFiles", "containerDataRoots"]);
 const NUMBER_KEYS = new Set(["shutdownGraceMs", "operationRetention", "progressIntervalMs"]);
 
 /** Parses "host:port" / "[v6]:port"; undefined when malformed. */

@@ -5,10 +5,15 @@
 import { chmod, mkdir, rm, writeFile, rename } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import pino, { type Logger } from "pino";
+import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
 import { parseListen, type Config } from "./config.js";
+import { createDockerEngine } from "./containers/docker.js";
+import { buildKind, importKind, pullKind } from "./containers/images.js";
+import { createContainerManager } from "./containers/manager.js";
+import { createContainerService } from "./containers/service.js";
 import { createGateway, type Gateway } from "./gateway.js";
 import { createGrpcServer, type GrpcServer } from "./grpc-server.js";
 import { auditInterceptor, loggingInterceptor } from "./interceptors.js";
@@ -98,12 +103,24 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       journalDir,
     }),
   );
+  const engine = createDockerEngine(config.dockerSocket);
+  const containers = createContainerManager({
+    engine,
+    dataRoots: config.containerDataRoots,
+    stateDir: config.stateDir,
+    log: log.child({ area: "containers" }),
+  });
+  const imageDeps = { engine, policy: containers.policy };
+  ops.register(pullKind(imageDeps));
+  ops.register(importKind(imageDeps));
+  ops.register(buildKind(imageDeps));
   await ops.init();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   const registry = createMethodRegistry();
   registry.add(SystemServiceService, createSystemService({ health, ops, osReleaseFiles: config.osReleaseFiles }), "system");
   registry.add(OperationsServiceService, createOperationsService(ops), "operations");
+  registry.add(ContainerServiceService, createContainerService({ containers, ops }), "containers");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);

@@ -5,6 +5,7 @@ import { toRpcStatus } from "./errors.js";
 import type { Interceptor } from "./rpc.js";
 import { readHttpBindings, compilePathTemplate } from "../common/http-rule.js";
 import { apiRegistry } from "../common/proto-registry.js";
+import type { DescField, DescMessage } from "@bufbuild/protobuf";
 
 const codeName = (code: number): string => GrpcStatus[code] ?? String(code);
 
@@ -37,6 +38,7 @@ export const loggingInterceptor: Interceptor = async (call, next) => {
 const ms = (t0: number): number => Math.round((performance.now() - t0) * 1000) / 1000;
 
 const targetFieldsCache = new Map<string, string[]>();
+const TARGET_FIELDS = ["name", "spec.name", "reference", "path", "id"];
 
 /** The request fields that name what a method acts on: the variables of its HTTP path. */
 function targetFields(path: string, service: string, name: string): string[] {
@@ -46,6 +48,19 @@ function targetFields(path: string, service: string, name: string): string[] {
     fields = desc
       ? [...new Set(readHttpBindings(desc, apiRegistry).flatMap((b) => compilePathTemplate(b.pattern).variables.map((v) => v.fieldPath)))]
       : [];
+    // Methods whose target travels in the body (CreateContainer, PullImage …): the first naming field.
+    if (desc && fields.length === 0) {
+      const has = (path: string): boolean => {
+        let msg: DescMessage | undefined = desc.input;
+        for (const part of path.split(".")) {
+          const f: DescField | undefined = msg?.fields.find((x) => x.name === part);
+          if (!f) return false;
+          msg = f.fieldKind === "message" ? f.message : undefined;
+        }
+        return true;
+      };
+      fields = TARGET_FIELDS.filter(has).slice(0, 1);
+    }
     targetFieldsCache.set(path, fields);
   }
   return fields;
