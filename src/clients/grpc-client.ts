@@ -4,6 +4,7 @@
  * a bearer token.
  */
 import * as grpc from "@grpc/grpc-js";
+import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 
@@ -118,6 +119,7 @@ export function createPromiseClient<D extends Record<string, DefEntry>>(
 export interface PiccoloGrpcClients {
   readonly system: PromiseClient<typeof SystemServiceService>;
   readonly operations: PromiseClient<typeof OperationsServiceService>;
+  readonly containers: PromiseClient<typeof ContainerServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -131,6 +133,7 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
   return {
     system: createPromiseClient(channel, SystemServiceService, options),
     operations: createPromiseClient(channel, OperationsServiceService, options),
+    containers: createPromiseClient(channel, ContainerServiceService, options),
     channel,
     close: () => channel.close(),
   };

@@ -1,4 +1,5 @@
 /** All generated REST clients over one transport. */
+import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
 import { createRestTransport, type RestTransportOptions } from "./rest-transport.js";
@@ -7,10 +8,11 @@ import { createRestTransport, type RestTransportOptions } from "./rest-transport
 export interface PiccoloRestClients {
   readonly system: SystemServiceRestClient;
   readonly operations: OperationsServiceRestClient;
+  readonly containers: ContainerServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
 export function createRestClients(options: RestTransportOptions): PiccoloRestClients {
   const t = createRestTransport(options);
-  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t) };
+  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t) };
 }

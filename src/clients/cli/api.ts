@@ -9,6 +9,33 @@ import type {
   Operation,
   OperationEvent,
 } from "../../../gen/piccolo/operations/v1/operations.js";
+import type {
+  BuildImageRequest,
+  Container,
+  ContainerEvent,
+  ContainerStats,
+  CreateContainerRequest,
+  EnsureRunningRequest,
+  EnsureRunningResponse,
+  GetContainerRequest,
+  GetStatsRequest,
+  ImportImageRequest,
+  ListContainersRequest,
+  ListContainersResponse,
+  ListImagesRequest,
+  ListImagesResponse,
+  LogEntry,
+  PullImageRequest,
+  RemoveContainerRequest,
+  RemoveContainerResponse,
+  RemoveImageRequest,
+  RemoveImageResponse,
+  RestartContainerRequest,
+  StartContainerRequest,
+  StopContainerRequest,
+  StreamLogsRequest,
+  WatchEventsRequest,
+} from "../../../gen/piccolo/containers/v1/containers.js";
 import type { GetHealthResponse, GetVersionResponse, RunDiagnosticsRequest } from "../../../gen/piccolo/system/v1/system.js";
 import { createGrpcClients, grpcTarget } from "../grpc-client.js";
 import { createRestClients } from "../rest-clients.js";
@@ -28,6 +55,29 @@ export interface ApiOptions {
   readonly timeoutMs?: number;
 }
 
+/** The ContainerService calls piccoloctl makes; streams end when `signal` aborts. */
+export interface ContainersApi {
+  listContainers(request: ListContainersRequest): Promise<ListContainersResponse>;
+  getContainer(request: GetContainerRequest): Promise<Container>;
+  createContainer(request: CreateContainerRequest): Promise<Container>;
+  startContainer(request: StartContainerRequest): Promise<Container>;
+  stopContainer(request: StopContainerRequest): Promise<Container>;
+  restartContainer(request: RestartContainerRequest): Promise<Container>;
+  removeContainer(request: RemoveContainerRequest): Promise<RemoveContainerResponse>;
+  ensureRunning(request: EnsureRunningRequest): Promise<EnsureRunningResponse>;
+  streamLogs(request: StreamLogsRequest, signal: AbortSignal): AsyncIterable<LogEntry>;
+  getStats(request: GetStatsRequest, signal: AbortSignal): AsyncIterable<ContainerStats>;
+  watchEvents(request: WatchEventsRequest, signal: AbortSignal): AsyncIterable<ContainerEvent>;
+  listImages(request: ListImagesRequest): Promise<ListImagesResponse>;
+  /** Starts a containers.image_pull operation and streams its events. */
+  pullImage(request: PullImageRequest, signal: AbortSignal): AsyncIterable<OperationEvent>;
+  /** Starts a containers.image_import operation and streams its events. */
+  importImage(request: ImportImageRequest, signal: AbortSignal): AsyncIterable<OperationEvent>;
+  /** Starts a containers.image_build operation and streams its events. */
+  buildImage(request: BuildImageRequest, signal: AbortSignal): AsyncIterable<OperationEvent>;
+  removeImage(request: RemoveImageRequest): Promise<RemoveImageResponse>;
+}
+
 /** The calls piccoloctl makes. */
 export interface PiccoloApi {
   /** "grpc" or "rest". */
@@ -41,6 +91,8 @@ export interface PiccoloApi {
   /** Opens one WatchOperation stream (for watchOperation()). */
   readonly watchOperation: OpenWatch;
   cancelOperation(id: string): Promise<Operation>;
+  /** ContainerService. */
+  readonly containers: ContainersApi;
   /** Releases the connection. */
   close(): void;
 }
@@ -74,6 +126,14 @@ function withDeadline(signal: AbortSignal | undefined, timeoutMs: number | undef
   return signal ?? t;
 }
 
+/**
+ * The deadline of a stop or restart: the grace period (default 10 s) plus 30 s, at least the
+ * unary deadline; 0 (none) stays 0.
+ */
+function stopDeadline(unaryMs: number, graceSeconds: number | undefined): number {
+  return unaryMs > 0 ? Math.max(unaryMs, ((graceSeconds ?? 10) + 30) * 1000) : 0;
+}
+
 /** Connects to the daemon at `options.endpoint`. Nothing is sent until the first call. */
 export function connectApi(options: ApiOptions): PiccoloApi {
   validateEndpoint(options.endpoint);
@@ -92,6 +152,26 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       watchOperation: (id, afterSequence, signal) =>
         c.operations.watchOperation({ id, afterSequence }, { signal: withDeadline(signal, streamMs) }),
       cancelOperation: (id) => c.operations.cancelOperation({ id }, unary()),
+      containers: {
+        listContainers: (r) => c.containers.listContainers(r, unary()),
+        getContainer: (r) => c.containers.getContainer(r, unary()),
+        createContainer: (r) => c.containers.createContainer(r, unary()),
+        startContainer: (r) => c.containers.startContainer(r, unary()),
+        stopContainer: (r) =>
+          c.containers.stopContainer(r, { signal: withDeadline(undefined, stopDeadline(unaryMs, r.gracePeriodSeconds)) }),
+        restartContainer: (r) =>
+          c.containers.restartContainer(r, { signal: withDeadline(undefined, stopDeadline(unaryMs, r.gracePeriodSeconds)) }),
+        removeContainer: (r) => c.containers.removeContainer(r, unary()),
+        ensureRunning: (r) => c.containers.ensureRunning(r, unary()),
+        streamLogs: (r, signal) => c.containers.streamLogs(r, { signal: withDeadline(signal, streamMs) }),
+        getStats: (r, signal) => c.containers.getStats(r, { signal: withDeadline(signal, streamMs) }),
+        watchEvents: (r, signal) => c.containers.watchEvents(r, { signal: withDeadline(signal, streamMs) }),
+        listImages: (r) => c.containers.listImages(r, unary()),
+        pullImage: (r, signal) => c.containers.pullImage(r, { signal: withDeadline(signal, streamMs) }),
+        importImage: (r, signal) => c.containers.importImage(r, { signal: withDeadline(signal, streamMs) }),
+        buildImage: (r, signal) => c.containers.buildImage(r, { signal: withDeadline(signal, streamMs) }),
+        removeImage: (r) => c.containers.removeImage(r, unary()),
+      },
       close: () => undefined,
     };
   }
@@ -105,6 +185,24 @@ export function connectApi(options: ApiOptions): PiccoloApi {
     listOperations: (request) => c.operations.listOperations(request),
     watchOperation: (id, afterSequence, signal) => c.operations.watchOperation({ id, afterSequence }, { signal, timeoutMs: streamMs }),
     cancelOperation: (id) => c.operations.cancelOperation({ id }),
+    containers: {
+      listContainers: (r) => c.containers.listContainers(r),
+      getContainer: (r) => c.containers.getContainer(r),
+      createContainer: (r) => c.containers.createContainer(r),
+      startContainer: (r) => c.containers.startContainer(r),
+      stopContainer: (r) => c.containers.stopContainer(r, { timeoutMs: stopDeadline(unaryMs, r.gracePeriodSeconds) }),
+      restartContainer: (r) => c.containers.restartContainer(r, { timeoutMs: stopDeadline(unaryMs, r.gracePeriodSeconds) }),
+      removeContainer: (r) => c.containers.removeContainer(r),
+      ensureRunning: (r) => c.containers.ensureRunning(r),
+      streamLogs: (r, signal) => c.containers.streamLogs(r, { signal, timeoutMs: streamMs }),
+      getStats: (r, signal) => c.containers.getStats(r, { signal, timeoutMs: streamMs }),
+      watchEvents: (r, signal) => c.containers.watchEvents(r, { signal, timeoutMs: streamMs }),
+      listImages: (r) => c.containers.listImages(r),
+      pullImage: (r, signal) => c.containers.pullImage(r, { signal, timeoutMs: streamMs }),
+      importImage: (r, signal) => c.containers.importImage(r, { signal, timeoutMs: streamMs }),
+      buildImage: (r, signal) => c.containers.buildImage(r, { signal, timeoutMs: streamMs }),
+      removeImage: (r) => c.containers.removeImage(r),
+    },
     close: () => c.close(),
   };
 }

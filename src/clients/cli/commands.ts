@@ -36,6 +36,9 @@ export interface CommandContext {
 /** Connects to the daemon (re-exported so program.ts gets it with the commands). */
 export { connectApi };
 
+/** The `containers …` and `images …` commands (containers.ts). */
+export * from "./containers.js";
+
 /** Parses an operation state: "running", "RUNNING" or "OPERATION_STATE_RUNNING"; UsageError otherwise. */
 export function parseOperationState(value: string): OperationState {
   const key = value.trim().toUpperCase().replace(/-/g, "_");

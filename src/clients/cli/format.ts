@@ -8,6 +8,7 @@ import type { BinaryWriter } from "@bufbuild/protobuf/wire";
 import type { Any } from "../../../gen/google/protobuf/any.js";
 import type { Duration } from "../../../gen/google/protobuf/duration.js";
 import type { Status } from "../../../gen/google/rpc/status.js";
+import { BuildImageResult, ImportImageResult, PullImageResult, type Image } from "../../../gen/piccolo/containers/v1/containers.js";
 import { OperationEvent, type Operation } from "../../../gen/piccolo/operations/v1/operations.js";
 import {
   CheckStatus,
@@ -19,7 +20,7 @@ import {
 } from "../../../gen/piccolo/system/v1/system.js";
 import { apiRegistry, binaryToJson } from "../../common/proto-registry.js";
 import { codeName } from "./errors.js";
-import { formatRate, percentOf, stateName } from "./progress.js";
+import { formatBytes, formatRate, percentOf, stateName } from "./progress.js";
 
 /** The `encode` half of a ts-proto message's functions. */
 export interface Encoder<T> {
@@ -106,9 +107,56 @@ export function formatDiagnosticsResult(r: RunDiagnosticsResult): string {
   );
 }
 
+/** "sha256:0123456789ab…" → "0123456789ab". */
+export function shortId(id: string): string {
+  return id.replace(/^sha256:/, "").slice(0, 12);
+}
+
+/** One image in a result: id, tags and size. */
+function imageLines(image: Image | undefined): string[][] {
+  if (!image) return [["image:", "-"]];
+  return [
+    ["image:", image.id],
+    ["tags:", image.repoTags.length > 0 ? image.repoTags.join(", ") : "<none>"],
+    ["size:", formatBytes(image.sizeBytes)],
+  ];
+}
+
+/** A PullImageResult as text: the image, the bytes downloaded and one line per layer. */
+export function formatPullImageResult(r: PullImageResult): string {
+  const rows = [...imageLines(r.image), ["downloaded:", `${formatBytes(r.bytesTotal)} (${r.bytesTotal} bytes) in ${r.layers.length} layers`]];
+  if (r.status) rows.push(["status:", r.status]);
+  let text = table(rows);
+  if (r.layers.length > 0) {
+    text += "layers:\n";
+    text += indent(table(r.layers.map((l) => [l.id, l.alreadyPresent ? "already present" : formatBytes(l.sizeBytes)])));
+  }
+  return text;
+}
+
+/** An ImportImageResult as text: the bytes read and each image imported. */
+export function formatImportImageResult(r: ImportImageResult): string {
+  let text = table([["read:", `${formatBytes(r.bytesRead)} (${r.bytesRead} bytes)`]]);
+  for (const image of r.images) text += table(imageLines(image));
+  return text;
+}
+
+/** A BuildImageResult as text: the image and the steps run. */
+export function formatBuildImageResult(r: BuildImageResult): string {
+  return table([...imageLines(r.image), ["steps:", String(r.steps)]]);
+}
+
+const RESULT_FORMATS: Readonly<Record<string, (value: Uint8Array) => string>> = {
+  [DIAGNOSTICS_RESULT_URL]: (v) => formatDiagnosticsResult(RunDiagnosticsResult.decode(v)),
+  "type.googleapis.com/piccolo.containers.v1.PullImageResult": (v) => formatPullImageResult(PullImageResult.decode(v)),
+  "type.googleapis.com/piccolo.containers.v1.ImportImageResult": (v) => formatImportImageResult(ImportImageResult.decode(v)),
+  "type.googleapis.com/piccolo.containers.v1.BuildImageResult": (v) => formatBuildImageResult(BuildImageResult.decode(v)),
+};
+
 /** An operation result (google.protobuf.Any) as text: known types in their own form, others as JSON. */
 export function formatResult(result: Any): string {
-  if (result.typeUrl === DIAGNOSTICS_RESULT_URL) return formatDiagnosticsResult(RunDiagnosticsResult.decode(result.value));
+  const known = RESULT_FORMATS[result.typeUrl];
+  if (known) return known(result.value);
   const typeName = result.typeUrl.slice(result.typeUrl.lastIndexOf("/") + 1);
   if (apiRegistry.getMessage(typeName)) return `${typeName} ${JSON.stringify(binaryToJson(typeName, result.value), null, 2)}\n`;
   return `${typeName} (${result.value.length} bytes)\n`;

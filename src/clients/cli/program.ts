@@ -1,5 +1,7 @@
 /**
- * piccoloctl's command line on commander: version, health, diagnostics and ops list/get/watch/cancel,
+ * piccoloctl's command line on commander: version, health, diagnostics, ops list/get/watch/cancel,
+ * containers ls/get/create/run/start/stop/restart/rm/logs/stats/events and images
+ * ls/pull/import/build/rm,
  * with the global --endpoint, --token, --output and --timeout options. runCli() parses a command
  * line, runs it and returns the exit code, so it can be driven without a process. The commands
  * themselves (commands.ts) are loaded only when one runs.
@@ -29,6 +31,11 @@ export function intOption(name: string, min: number, max: number): (value: strin
     if (n < min || n > max) throw new InvalidArgumentError(`${name} must be from ${min} to ${max}.`);
     return n;
   };
+}
+
+/** Collects a repeatable option's values in order. */
+export function collect(value: string, previous: string[] = []): string[] {
+  return [...previous, value];
 }
 
 type Commands = typeof import("./commands.js");
@@ -125,7 +132,166 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
     .argument("<id>", "operation id")
     .action((id: string, _o, cmd: Command) => run(cmd, (m, c) => m.opsCancelCommand(c, id)));
 
+  addContainerCommands(program, run);
+
   return program;
+}
+
+type Run = (cmd: Command, work: (m: Commands, c: CommandContext) => Promise<number>, follows?: boolean) => Promise<void>;
+
+/** The spec flags shared by `containers create` and `containers run`. */
+function specOptions(cmd: Command): Command {
+  return cmd
+    .argument("<name>", "container name")
+    .argument("[command...]", "command and arguments after -- (instead of --cmd), replacing the image's CMD")
+    .requiredOption("--image <ref>", "image reference (must be on the host: images pull/import/build it first)")
+    .option("--cmd <command>", "command line replacing the image's CMD, split into words as a shell does (quotes group)")
+    .option("--entrypoint <command>", "command line replacing the image's ENTRYPOINT")
+    .option("-e, --env <KEY=VALUE>", "environment variable (repeatable)", collect)
+    .option("-p, --publish <[hostaddr:]hostport:containerport[/proto]>", "publish a container port on the host (repeatable)", collect)
+    .option("-v, --volume <hostpath:containerpath[:ro]>", "bind-mount a host path below a data root (repeatable)", collect)
+    .option("--volume-name <name:containerpath[:ro]>", "mount a named volume (repeatable)", collect)
+    .option("--restart <policy>", "restart policy: no, on-failure[:N], always or unless-stopped")
+    .option("--cpus <n>", "CPU limit in CPUs, e.g. 0.5")
+    .option("--memory <size>", "memory limit: bytes or a number with k, m or g, e.g. 512m")
+    .option("-l, --label <KEY=VALUE>", "label (repeatable)", collect)
+    .option("--network <network>", 'network: "none", "host", "bridge" or a network name (default: the engine\'s)');
+}
+
+/** `containers …` and `images …`. */
+function addContainerCommands(program: Command, run: Run): void {
+  const ctr = program.command("containers").description("manage the host's containers through the Docker engine");
+
+  ctr
+    .command("ls")
+    .description("list containers, newest first (piccolod-managed ones unless -a)")
+    .option("-a, --all", "also containers piccolod did not create")
+    .action((opts: { all?: boolean }, cmd: Command) => run(cmd, (m, c) => m.containersListCommand(c, opts)));
+
+  ctr
+    .command("get")
+    .description("show one container and its spec")
+    .argument("<name>", "container name or id")
+    .action((name: string, _o, cmd: Command) => run(cmd, (m, c) => m.containersGetCommand(c, name)));
+
+  specOptions(ctr.command("create").description("create a container from an image without starting it")).action(
+    (name: string, command: string[], opts: import("./containers.js").SpecOptions, cmd: Command) =>
+      run(cmd, (m, c) => m.containersCreateCommand(c, name, opts, command)),
+  );
+
+  specOptions(
+    ctr.command("run").description("make a container run: create and start it, start it if stopped, or leave it running (EnsureRunning)"),
+  ).action((name: string, command: string[], opts: import("./containers.js").SpecOptions, cmd: Command) =>
+    run(cmd, (m, c) => m.containersRunCommand(c, name, opts, command)),
+  );
+
+  ctr
+    .command("start")
+    .description("start a created or stopped container")
+    .argument("<name>", "container name or id")
+    .action((name: string, _o, cmd: Command) => run(cmd, (m, c) => m.containersStartCommand(c, name)));
+
+  ctr
+    .command("stop")
+    .description("stop a container: its stop signal, then a kill after the grace period")
+    .argument("<name>", "container name or id")
+    .option("-t, --time <seconds>", "grace period before the kill (0-3600; default 10)", intOption("--time", 0, 3600))
+    .action((name: string, opts: { time?: number }, cmd: Command) => run(cmd, (m, c) => m.containersStopCommand(c, name, opts)));
+
+  ctr
+    .command("restart")
+    .description("stop a container (if it runs) and start it again")
+    .argument("<name>", "container name or id")
+    .option("-t, --time <seconds>", "grace period before the kill (0-3600; default 10)", intOption("--time", 0, 3600))
+    .action((name: string, opts: { time?: number }, cmd: Command) => run(cmd, (m, c) => m.containersRestartCommand(c, name, opts)));
+
+  ctr
+    .command("rm")
+    .description("remove a container")
+    .argument("<name>", "container name or id")
+    .option("-f, --force", "kill it first if it runs")
+    .option("-v, --volumes", "also remove its anonymous volumes")
+    .action((name: string, opts: { force?: boolean; volumes?: boolean }, cmd: Command) =>
+      run(cmd, (m, c) => m.containersRemoveCommand(c, name, opts)),
+    );
+
+  ctr
+    .command("logs")
+    .description("print a container's output: stdout lines to stdout, stderr lines to stderr (-f: until Ctrl-C)")
+    .argument("<name>", "container name or id")
+    .option("-f, --follow", "keep printing new output until the container stops or Ctrl-C (exit code 130)")
+    .option("--tail <n>", "only the last n lines", intOption("--tail", 0, 4_294_967_295))
+    .option("--since <time>", "only output since a time (2024-05-01T12:00:00Z), Unix seconds or a duration ago (10m)")
+    .option("-t, --timestamps", "prefix each line with the time the engine received it")
+    .action((name: string, opts: { follow?: boolean; tail?: number; since?: string; timestamps?: boolean }, cmd: Command) =>
+      run(cmd, (m, c) => m.containersLogsCommand(c, name, opts), true),
+    );
+
+  ctr
+    .command("stats")
+    .description("show a container's resource usage (one sample, or one a second with --stream until Ctrl-C)")
+    .argument("<name>", "container name or id")
+    .option("--stream", "keep sampling every second")
+    .action((name: string, opts: { stream?: boolean }, cmd: Command) => run(cmd, (m, c) => m.containersStatsCommand(c, name, opts), true));
+
+  ctr
+    .command("events")
+    .description("print container events as they happen, one line each, until Ctrl-C")
+    .option("-a, --all", "also events of containers piccolod did not create")
+    .option("--name <name>", "only events of this container")
+    .option("--since <time>", "replay events since a time or a duration ago (10m) first")
+    .action((opts: { all?: boolean; name?: string; since?: string }, cmd: Command) => run(cmd, (m, c) => m.containersEventsCommand(c, opts), true));
+
+  const img = program.command("images").description("list, pull, import, build and remove the host's images");
+
+  img
+    .command("ls")
+    .description("list images, newest first")
+    .argument("[reference]", 'only images matching this pattern, e.g. "app" or "registry.example/*:1.*"')
+    .action((reference: string | undefined, _o, cmd: Command) => run(cmd, (m, c) => m.imagesListCommand(c, reference)));
+
+  img
+    .command("pull")
+    .description("pull an image from its registry as an operation, with progress")
+    .argument("<reference>", "image reference (\":latest\" when it has no tag)")
+    .option("--detach", "print the operation id once it has started and exit; it keeps running")
+    .action((reference: string, opts: { detach?: boolean }, cmd: Command) => run(cmd, (m, c) => m.imagesPullCommand(c, reference, opts), true));
+
+  img
+    .command("import")
+    .description("load an image from a tarball on the daemon's host (below a data root) as an operation")
+    .argument("<path>", "absolute path of the tarball: a `docker save` archive, or a root filesystem with --rootfs")
+    .option("--tag <reference>", "name of the image (required with --rootfs; for an archive, tags its one image)")
+    .option("--rootfs", "the tarball is a root filesystem (as `docker import` takes it), not an image archive")
+    .option("--detach", "print the operation id once it has started and exit; it keeps running")
+    .action((path: string, opts: { tag?: string; rootfs?: boolean; detach?: boolean }, cmd: Command) =>
+      run(cmd, (m, c) => m.imagesImportCommand(c, path, opts), true),
+    );
+
+  img
+    .command("build")
+    .description("build an image from a context folder or tarball on the daemon's host (below a data root) as an operation")
+    .argument("<context>", "absolute path of the build context")
+    .option("--dockerfile <path>", 'path of the Dockerfile inside the context (default "Dockerfile")')
+    .option("-t, --tag <reference>", "tag for the result (repeatable; at least one)", collect)
+    .option("--build-arg <KEY=VALUE>", "build argument (repeatable)", collect)
+    .option("-l, --label <KEY=VALUE>", "label for the image (repeatable)", collect)
+    .option("--no-cache", "build every step afresh")
+    .option("--detach", "print the operation id once it has started and exit; it keeps running")
+    .action(
+      (
+        context: string,
+        opts: { dockerfile?: string; tag?: string[]; buildArg?: string[]; label?: string[]; cache?: boolean; detach?: boolean },
+        cmd: Command,
+      ) => run(cmd, (m, c) => m.imagesBuildCommand(c, context, { ...opts, noCache: opts.cache === false }), true),
+    );
+
+  img
+    .command("rm")
+    .description("untag an image, and delete it when no tag is left")
+    .argument("<reference>", "image reference or id")
+    .option("-f, --force", "even when containers use it or it has several tags")
+    .action((reference: string, opts: { force?: boolean }, cmd: Command) => run(cmd, (m, c) => m.imagesRemoveCommand(c, reference, opts)));
 }
 
 /** Parses `args` (without node and the script), runs the command and returns the exit code. */
