@@ -5,7 +5,13 @@
 ensure_node_modules() {
   if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
     echo "==> installing npm packages (npm ci)"
-    npm ci --no-audit --no-fund
+    if ! npm ci --no-audit --no-fund; then
+      # With npm's omit-lockfile-registry-resolved (set on these machines) the lock leaves out
+      # other platforms' optional packages and npm ci refuses it; npm install --no-save installs
+      # the same pinned versions from it without rewriting it.
+      echo "==> npm ci refused the lock; installing the locked versions with npm install --no-save"
+      npm install --no-save --no-audit --no-fund
+    fi
   fi
 }
 
