@@ -48,6 +48,12 @@ export interface GrpcClientOptions {
   readonly timeoutMs?: number;
 }
 
+/** Cancels the call when the signal aborts, at once if it already has. */
+function cancelOnAbort(signal: AbortSignal | undefined, call: { cancel(): void }): void {
+  if (signal?.aborted) call.cancel();
+  else signal?.addEventListener("abort", () => call.cancel(), { once: true });
+}
+
 /** Turns a CLI/config endpoint into a grpc-js target. */
 export function grpcTarget(endpoint: string): string {
   if (endpoint.startsWith("unix://")) return `unix:${endpoint.slice("unix://".length)}`;
@@ -84,8 +90,7 @@ export function createPromiseClient<D extends Record<string, DefEntry>>(
             timeout > 0 ? { deadline: Date.now() + timeout } : {},
             (err, res) => (err ? reject(err) : resolve(res)),
           );
-          if (o.signal?.aborted) call.cancel();
-          else o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          cancelOnAbort(o.signal, call);
         });
     } else {
       out[key] = (request: unknown, o: GrpcCallOptions = {}) => {
@@ -98,8 +103,7 @@ export function createPromiseClient<D extends Record<string, DefEntry>>(
           metadata(),
           timeout > 0 ? { deadline: Date.now() + timeout } : {},
         );
-        if (o.signal?.aborted) call.cancel();
-          else o.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+        cancelOnAbort(o.signal, call);
         return {
           async *[Symbol.asyncIterator]() {
             try {

@@ -128,6 +128,16 @@ const TERMINAL = new Set([
 
 const ABORTED = 10; // google.rpc.Code.ABORTED
 
+/** The last event of an operation the daemon ends itself (found running at start, or stuck at stop). */
+const interruptedEvent = (op: Operation, message: string): OperationEvent => ({
+  operationId: op.id,
+  sequence: op.lastSequence + 1,
+  time: new Date(),
+  attached: undefined,
+  progress: undefined,
+  outcome: { state: OperationState.OPERATION_STATE_INTERRUPTED, result: undefined, error: { code: ABORTED, message, details: [] } },
+});
+
 /** Creates the operation manager over a journal store. */
 export function createOperationManager(options: OperationManagerOptions): OperationManager {
   const { store, log } = options;
@@ -341,18 +351,7 @@ export function createOperationManager(options: OperationManagerOptions): Operat
         const where = p ? ` during phase "${p.phase}" at ${p.percent.toFixed(0)}%` : "";
         const message = `interrupted: piccolod stopped while this operation was running${where}${leftBehind ? `; ${leftBehind}` : ""}`;
         const writer = await store.reopen(e.op.id);
-        const ev: OperationEvent = {
-          operationId: e.op.id,
-          sequence: e.op.lastSequence + 1,
-          time: new Date(),
-          attached: undefined,
-          progress: undefined,
-          outcome: {
-            state: OperationState.OPERATION_STATE_INTERRUPTED,
-            result: undefined,
-            error: { code: ABORTED, message, details: [] },
-          },
-        };
+        const ev = interruptedEvent(e.op, message);
         await writer.append(ev);
         await writer.close();
         applyEvent(e, ev);
@@ -522,22 +521,10 @@ export function createOperationManager(options: OperationManagerOptions): Operat
       clearTimeout(timer);
       for (const e of live.filter((x) => !x.done)) {
         // The worker did not stop in time: journal the interruption ourselves.
-        const ev: OperationEvent = {
-          operationId: e.op.id,
-          sequence: e.op.lastSequence + 1,
-          time: new Date(),
-          attached: undefined,
-          progress: undefined,
-          outcome: {
-            state: OperationState.OPERATION_STATE_INTERRUPTED,
-            result: undefined,
-            error: {
-              code: ABORTED,
-              message: `interrupted: piccolod was stopped and the ${e.op.kind} worker did not stop within ${graceMs} ms`,
-              details: [],
-            },
-          },
-        };
+        const ev = interruptedEvent(
+          e.op,
+          `interrupted: piccolod was stopped and the ${e.op.kind} worker did not stop within ${graceMs} ms`,
+        );
         try {
           await e.writer?.append(ev);
         } catch (err) {
