@@ -10,28 +10,14 @@ import {
   type ListOperationsRequest,
 } from "../../../gen/piccolo/operations/v1/operations.js";
 import { GetHealthResponse, GetVersionResponse, HealthState } from "../../../gen/piccolo/system/v1/system.js";
-import { connectApi, type PiccoloApi } from "./api.js";
+import { connectApi } from "./api.js";
 import { UsageError } from "./errors.js";
 import { followOperation } from "./follow-operation.js";
 import { formatHealth, formatOperation, formatOperationList, formatVersion, jsonDocument } from "./format.js";
-import { stateName, type TextSink } from "./progress.js";
+import { stateName } from "./progress.js";
 
-/** The global options, after parsing. */
-export interface GlobalOptions {
-  readonly endpoint: string;
-  readonly token?: string;
-  readonly output: "text" | "json";
-  readonly timeout?: number;
-}
-
-/** Where a command writes, and the signal that stops following a stream (Ctrl-C). */
-export interface CommandContext {
-  readonly api: PiccoloApi;
-  readonly global: GlobalOptions;
-  readonly stdout: TextSink;
-  readonly stderr: TextSink;
-  readonly signal: AbortSignal;
-}
+import type { CommandContext } from "./context.js";
+export type { CommandContext, GlobalOptions } from "./context.js";
 
 /** Connects to the daemon (re-exported so program.ts gets it with the commands). */
 export { connectApi };

@@ -28,7 +28,7 @@ import {
   type PortPublication,
 } from "../../../gen/piccolo/containers/v1/containers.js";
 import type { OperationEvent } from "../../../gen/piccolo/operations/v1/operations.js";
-import type { CommandContext } from "./commands.js";
+import type { CommandContext } from "./context.js";
 import { UsageError } from "./errors.js";
 import { followOperation } from "./follow-operation.js";
 import { formatTime, indent, jsonDocument, protoJson, shortId, table, type Encoder } from "./format.js";
