@@ -21,6 +21,12 @@ async function main(): Promise<number> {
   }
   const log = createLogger(config);
   const notifier = createNotifier(log);
+  // Handlers go in before anything starts: a SIGTERM that arrives while starting up (or right
+  // after READY) must still stop gracefully, not kill the process with running operations.
+  const stopRequested = new Promise<string>((resolve) => {
+    process.once("SIGTERM", () => resolve("SIGTERM"));
+    process.once("SIGINT", () => resolve("SIGINT"));
+  });
   let daemon;
   try {
     daemon = await startDaemon(config, log);
@@ -37,14 +43,7 @@ async function main(): Promise<number> {
   notifier.startWatchdog();
   log.info({ ...endpoints, startupMs: Math.round(performance.now() - t0) }, "piccolod ready");
 
-  await new Promise<void>((resolve) => {
-    const stop = (signal: string): void => {
-      log.info({ signal }, "shutdown requested");
-      resolve();
-    };
-    process.once("SIGTERM", () => stop("SIGTERM"));
-    process.once("SIGINT", () => stop("SIGINT"));
-  });
+  log.info({ signal: await stopRequested }, "shutdown requested");
   notifier.stopWatchdog();
   await notifier.stopping();
   await daemon.stop();
