@@ -11,6 +11,7 @@ import {
 const MiB = 1024 * 1024;
 
 const progress = (p: Partial<Progress>): Progress => ({
+  items: [],
   phase: "",
   phaseIndex: 0,
   phaseCount: 0,

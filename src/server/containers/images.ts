@@ -167,9 +167,16 @@ export function createPullTracker(): PullTracker {
       const message =
         `${doneCount}/${layers.size} layers done` +
         (shown.length > 0 ? `; ${shown.map((l) => (l.done ? `${l.id} ${l.alreadyPresent ? "already present" : `pulled ${formatBytes(l.total)}`}` : describe(l))).join(", ")}` : "");
-      return allDownloaded && ls.length > 0
-        ? { phase: "extract", phaseIndex: 2, phaseCount: 2, percent, bytesDone: extracted, bytesTotal: total, message }
-        : { phase: "download", phaseIndex: 1, phaseCount: 2, percent, bytesDone: downloaded, bytesTotal: total, message };
+      const extracting = allDownloaded && ls.length > 0;
+      const items = [...layers.values()].map((l) => ({
+        id: l.id,
+        status: l.alreadyPresent ? "already present" : l.done ? "done" : l.status === "Extracting" ? "extracting" : l.downloadDone ? "downloaded" : l.status ? "downloading" : "waiting",
+        bytesDone: l.alreadyPresent ? 0 : Math.min(extracting ? l.extracted : l.downloaded, l.total || Number.MAX_SAFE_INTEGER),
+        bytesTotal: l.alreadyPresent ? 0 : l.total,
+      }));
+      return extracting
+        ? { phase: "extract", phaseIndex: 2, phaseCount: 2, percent, bytesDone: extracted, bytesTotal: total, message, items }
+        : { phase: "download", phaseIndex: 1, phaseCount: 2, percent, bytesDone: downloaded, bytesTotal: total, message, items };
     },
     layers() {
       return [...layers.values()].map((l) => ({ id: l.id, sizeBytes: l.alreadyPresent ? 0 : l.total, alreadyPresent: l.alreadyPresent }));

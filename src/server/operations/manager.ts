@@ -245,6 +245,7 @@ export function createOperationManager(options: OperationManagerOptions): Operat
         bytesPerSecond: p.bytesPerSecond ?? 0,
         eta: p.eta,
         message: p.message ?? "",
+        items: p.items ?? [],
       };
       if (p.bytesPerSecond === undefined && merged.bytesDone > 0) {
         if (rate.phase !== phase || merged.bytesDone < rate.bytes) Object.assign(rate, { t: now, bytes: 0, phase, bps: 0 });
@@ -279,6 +280,7 @@ export function createOperationManager(options: OperationManagerOptions): Operat
         bytesPerSecond: 0,
         eta: undefined,
         message: `${kind.kind} started`,
+        items: [],
       },
     });
     let outcome: { state: OperationState; result?: Any; error?: Status };

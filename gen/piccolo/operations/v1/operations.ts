@@ -113,6 +113,23 @@ export interface Progress {
     | undefined;
   /** Human-readable line describing what is happening now. */
   message: string;
+  /**
+   * Progress of each item the phase works on, when it has several (the layers of an image pull);
+   * empty otherwise. Every report carries all items, so the newest event is the whole picture.
+   */
+  items: ItemProgress[];
+}
+
+/** ItemProgress is one item of a phase that works on several at once. */
+export interface ItemProgress {
+  /** Stable id of the item within the operation, e.g. a layer's short digest. */
+  id: string;
+  /** What is happening to it, e.g. "downloading", "extracting", "done", "already present". */
+  status: string;
+  /** Bytes done for this item. */
+  bytesDone: number;
+  /** Bytes this item will take in all; 0 when not known yet. */
+  bytesTotal: number;
 }
 
 /** Outcome ends an operation's event stream. */
@@ -437,6 +454,7 @@ function createBaseProgress(): Progress {
     bytesPerSecond: 0,
     eta: undefined,
     message: "",
+    items: [],
   };
 }
 
@@ -468,6 +486,9 @@ export const Progress: MessageFns<Progress> = {
     }
     if (message.message !== "") {
       writer.uint32(74).string(message.message);
+    }
+    for (const v of message.items) {
+      ItemProgress.encode(v!, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -557,6 +578,14 @@ export const Progress: MessageFns<Progress> = {
             message.message = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.items.push(ItemProgress.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -583,6 +612,98 @@ export const Progress: MessageFns<Progress> = {
     message.bytesPerSecond = object.bytesPerSecond ?? 0;
     message.eta = (object.eta !== undefined && object.eta !== null) ? Duration.fromPartial(object.eta) : undefined;
     message.message = object.message ?? "";
+    message.items = object.items?.map((e) => ItemProgress.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseItemProgress(): ItemProgress {
+  return { id: "", status: "", bytesDone: 0, bytesTotal: 0 };
+}
+
+export const ItemProgress: MessageFns<ItemProgress> = {
+  encode(message: ItemProgress, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.status !== "") {
+      writer.uint32(18).string(message.status);
+    }
+    if (message.bytesDone !== 0) {
+      writer.uint32(24).uint64(message.bytesDone);
+    }
+    if (message.bytesTotal !== 0) {
+      writer.uint32(32).uint64(message.bytesTotal);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ItemProgress {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseItemProgress();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.status = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.bytesDone = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.bytesTotal = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ItemProgress>, I>>(base?: I): ItemProgress {
+    return ItemProgress.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ItemProgress>, I>>(object: I): ItemProgress {
+    const message = createBaseItemProgress();
+    message.id = object.id ?? "";
+    message.status = object.status ?? "";
+    message.bytesDone = object.bytesDone ?? 0;
+    message.bytesTotal = object.bytesTotal ?? 0;
     return message;
   },
 };
