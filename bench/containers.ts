@@ -26,7 +26,7 @@ import { availableParallelism, cpus, tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import Docker from "dockerode";
-import { ContainerServiceService, ContainerState, ImportFormat, RestartPolicy, type ContainerSpec } from "../gen/piccolo/containers/v1/containers.js";
+import { ContainerServiceService, ContainerSpec, ContainerState, ImportFormat, RestartPolicy } from "../gen/piccolo/containers/v1/containers.js";
 import { OperationState } from "../gen/piccolo/operations/v1/operations.js";
 import { createGrpcClients, createPromiseClient } from "../src/clients/grpc-client.js";
 import { startDockerd, type TestDockerd } from "../test/helpers/dockerd.js";
@@ -145,22 +145,12 @@ async function startPiccolod(base: string, socket: string, dataRoot: string): Pr
 }
 
 const spec = (name: string): ContainerSpec => ({
+  ...ContainerSpec.create(),
   name,
   image: IMAGE,
   command: ["sleep", "3600"],
-  entrypoint: [],
-  env: {},
-  ports: [],
-  mounts: [],
   restartPolicy: RestartPolicy.RESTART_POLICY_NO,
-  restartMaxRetries: 0,
-  resources: undefined,
-  labels: {},
   network: "none",
-  healthcheck: undefined,
-  privileged: false,
-  pidMode: "",
-  ipcMode: "",
 });
 
 const median = (xs: readonly number[]): number => {

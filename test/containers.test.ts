@@ -22,7 +22,7 @@ import {
   PortProtocol,
   RestartPolicy,
   type ContainerEvent,
-  type ContainerSpec,
+  ContainerSpec,
   type LogEntry,
 } from "../gen/piccolo/containers/v1/containers.js";
 import { ContainerServiceRestClient } from "../gen/piccolo/containers/v1/containers_rest.js";
@@ -62,21 +62,9 @@ afterAll(async () => {
 
 /** A spec with the defaults filled in. */
 const spec = (s: Partial<ContainerSpec> & { name: string }): ContainerSpec => ({
+  ...ContainerSpec.create(),
   image: IMAGE,
-  command: [],
-  entrypoint: [],
-  env: {},
-  ports: [],
-  mounts: [],
-  restartPolicy: RestartPolicy.RESTART_POLICY_UNSPECIFIED,
-  restartMaxRetries: 0,
-  resources: undefined,
-  labels: {},
   network: "none",
-  healthcheck: undefined,
-  privileged: false,
-  pidMode: "",
-  ipcMode: "",
   ...s,
 });
 

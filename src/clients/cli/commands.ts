@@ -12,7 +12,7 @@ import {
 import { GetHealthResponse, GetVersionResponse, HealthState } from "../../../gen/piccolo/system/v1/system.js";
 import { connectApi } from "./api.js";
 import { UsageError } from "./errors.js";
-import { followOperation } from "./follow-operation.js";
+import { followOperation, followOptionsFrom } from "./follow-operation.js";
 import { formatHealth, formatOperation, formatOperationList, formatVersion, jsonDocument } from "./format.js";
 import { stateName } from "./progress.js";
 
@@ -56,14 +56,9 @@ export async function healthCommand(c: CommandContext): Promise<number> {
 /** `diagnostics`: starts RunDiagnostics and follows the operation (or only starts it, with --detach). */
 export function diagnosticsCommand(c: CommandContext, opts: { readonly writeProbeMib?: number; readonly detach?: boolean }): Promise<number> {
   return followOperation({
-    api: c.api,
-    endpoint: c.global.endpoint,
-    stdout: c.stdout,
-    stderr: c.stderr,
-    output: c.global.output,
+    ...followOptionsFrom(c),
     first: (s) => c.api.runDiagnostics({ writeProbeMib: opts.writeProbeMib ?? 0 }, s),
     detach: opts.detach === true,
-    signal: c.signal,
   });
 }
 
@@ -102,14 +97,9 @@ export async function opsGetCommand(c: CommandContext, id: string): Promise<numb
 /** `ops watch ID`: follows the operation, re-attaching after a dropped connection or a daemon restart. */
 export function opsWatchCommand(c: CommandContext, id: string, opts: { readonly after?: number }): Promise<number> {
   return followOperation({
-    api: c.api,
-    endpoint: c.global.endpoint,
-    stdout: c.stdout,
-    stderr: c.stderr,
-    output: c.global.output,
+    ...followOptionsFrom(c),
     id,
     afterSequence: opts.after ?? 0,
-    signal: c.signal,
   });
 }
 

@@ -30,7 +30,7 @@ import {
 import type { OperationEvent } from "../../../gen/piccolo/operations/v1/operations.js";
 import type { CommandContext } from "./context.js";
 import { UsageError } from "./errors.js";
-import { followOperation } from "./follow-operation.js";
+import { followOperation, followOptionsFrom } from "./follow-operation.js";
 import { formatTime, indent, jsonDocument, protoJson, shortId, table, type Encoder } from "./format.js";
 import { formatBytes } from "./progress.js";
 
@@ -522,14 +522,9 @@ export async function imagesListCommand(c: CommandContext, reference: string | u
 /** Follows an image operation that `first` starts. */
 function followImageOperation(c: CommandContext, first: (signal: AbortSignal) => AsyncIterable<OperationEvent>, detach: boolean | undefined): Promise<number> {
   return followOperation({
-    api: c.api,
-    endpoint: c.global.endpoint,
-    stdout: c.stdout,
-    stderr: c.stderr,
-    output: c.global.output,
+    ...followOptionsFrom(c),
     first,
     detach: detach === true,
-    signal: c.signal,
   });
 }
 

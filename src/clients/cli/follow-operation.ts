@@ -8,6 +8,7 @@ import type { Status } from "../../../gen/google/rpc/status.js";
 import { OperationState, type OperationEvent } from "../../../gen/piccolo/operations/v1/operations.js";
 import { watchOperation, type OpenWatch } from "../watch.js";
 import type { PiccoloApi } from "./api.js";
+import type { CommandContext } from "./context.js";
 import { codeName, FatalStreamError, unreachableReason } from "./errors.js";
 import { eventJsonLine, formatResult, formatStatus } from "./format.js";
 import { ProgressView, stateName, type TextSink } from "./progress.js";
@@ -165,4 +166,9 @@ export async function followOperation(o: FollowOptions): Promise<number> {
     `piccoloctl: ${ending.error ? formatStatus(ending.error) : `operation ${ending.id} ended ${stateName(ending.state)}`}\n`,
   );
   return 1;
+}
+
+/** The options every command that follows an operation takes from its context. */
+export function followOptionsFrom(c: CommandContext): Pick<FollowOptions, "api" | "endpoint" | "stdout" | "stderr" | "output" | "signal"> {
+  return { api: c.api, endpoint: c.global.endpoint, stdout: c.stdout, stderr: c.stderr, output: c.global.output, signal: c.signal };
 }

@@ -12,7 +12,7 @@ import {
   RestartPolicy,
   type Container,
   type ContainerEvent,
-  type ContainerSpec,
+  ContainerSpec,
   type ContainerStats,
   type Image,
   type Mount,
@@ -99,24 +99,6 @@ export function humanDuration(ms: number): string {
 const userLabels = (labels: Readonly<Record<string, string>> | null | undefined): Record<string, string> =>
   Object.fromEntries(Object.entries(labels ?? {}).filter(([k]) => !k.startsWith(RESERVED_LABEL_PREFIX)));
 
-const emptySpec = (): ContainerSpec => ({
-  name: "",
-  image: "",
-  command: [],
-  entrypoint: [],
-  env: {},
-  ports: [],
-  mounts: [],
-  restartPolicy: RestartPolicy.RESTART_POLICY_UNSPECIFIED,
-  restartMaxRetries: 0,
-  resources: undefined,
-  labels: {},
-  network: "",
-  healthcheck: undefined,
-  privileged: false,
-  pidMode: "",
-  ipcMode: "",
-});
 
 /** A container from a list entry: the summary fields ListContainers documents. */
 export function containerFromSummary(c: ContainerInfo): Container {
@@ -142,7 +124,7 @@ export function containerFromSummary(c: ContainerInfo): Container {
           : HealthStatus.HEALTH_STATUS_UNSPECIFIED,
     managed: c.Labels?.[MANAGED_LABEL] === "true",
     restartCount: 0,
-    spec: { ...emptySpec(), name, image: c.Image, labels: userLabels(c.Labels) },
+    spec: ContainerSpec.fromPartial({ name, image: c.Image, labels: userLabels(c.Labels) }),
   };
 }
 

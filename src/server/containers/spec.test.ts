@@ -1,7 +1,7 @@
 import { mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { MountType, PortProtocol, RestartPolicy, type ContainerSpec } from "../../../gen/piccolo/containers/v1/containers.js";
+import { ContainerSpec, MountType, PortProtocol, RestartPolicy } from "../../../gen/piccolo/containers/v1/containers.js";
 import { loadConfig } from "../config.js";
 import { PiccoloError } from "../errors.js";
 import { checkHostPath, checkSpec, parseImageReference, type SpecPolicy } from "./spec.js";
@@ -26,22 +26,9 @@ const policy: SpecPolicy = {
 };
 
 const spec = (s: Partial<ContainerSpec> = {}): ContainerSpec => ({
+  ...ContainerSpec.create(),
   name: "app",
   image: "registry.example:5000/team/app:1.2",
-  command: [],
-  entrypoint: [],
-  env: {},
-  ports: [],
-  mounts: [],
-  restartPolicy: RestartPolicy.RESTART_POLICY_UNSPECIFIED,
-  restartMaxRetries: 0,
-  resources: undefined,
-  labels: {},
-  network: "",
-  healthcheck: undefined,
-  privileged: false,
-  pidMode: "",
-  ipcMode: "",
   ...s,
 });
 
