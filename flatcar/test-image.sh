@@ -26,6 +26,10 @@ Prints one line per check and a closing "N passed, N failed"; exits non-zero if 
 USAGE
 }
 
+# One VM run at a time on this machine (the stand-in cache and the CPU are shared).
+exec 9>"${TMPDIR:-/tmp}/piccolo-vm.lock"
+flock 9
+
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 image=""

@@ -55,6 +55,11 @@ export const ConfigSchema = z
     operationRetention: z.number().int().min(10).max(100_000).default(500),
     /** Smallest interval between two journaled progress events of one operation. */
     progressIntervalMs: z.number().int().min(0).max(10_000).default(200),
+    /**
+     * The TPM for sealing and attestation, as systemd's --tpm2-device= takes it: "auto" (the first
+     * of tpmDevices), a device path, or a TCTI such as "swtpm:host=127.0.0.1,port=2321" (tests).
+     */
+    tpm2Device: z.string().min(1).default("auto"),
   })
   .strict();
 
@@ -74,8 +79,19 @@ type Origin = string;
 const KEYS = Object.keys(ConfigSchema.shape) as (keyof z.infer<typeof ConfigSchema>)[];
 const envName = (k: string): string => "PICCOLOD_" + k.replace(/[A-Z]/g, (c) => "_" + c).toUpperCase();
 const flagName = (k: string): string => k.replace(/[A-Z]/g, (c) => "-" + c.toLowerCase());
-const ARRAY_KEYS = new Set(["tpmDevices", "osReleaseFiles", "containerDataRoots"]);
-const NUMBER_KEYS = new Set(["shutdownGraceMs", "operationRetention", "progressIntervalMs"]);
+
+/** The base type name of a schema entry ("array", "number", …), below default/optional wrappers. */
+function baseType(t: z.ZodType): string {
+  let def = t.def as { type: string; innerType?: z.ZodType };
+  while ((def.type === "default" || def.type === "optional" || def.type === "nullable") && def.innerType) {
+    def = def.innerType.def as typeof def;
+  }
+  return def.type;
+}
+/** Keys whose environment/flag text is split on commas, parsed as a number, or as a boolean. */
+const ARRAY_KEYS = new Set<string>(KEYS.filter((k) => baseType(ConfigSchema.shape[k]) === "array"));
+const NUMBER_KEYS = new Set<string>(KEYS.filter((k) => baseType(ConfigSchema.shape[k]) === "number"));
+const BOOLEAN_KEYS = new Set<string>(KEYS.filter((k) => baseType(ConfigSchema.shape[k]) === "boolean"));
 
 /** Parses "host:port" / "[v6]:port"; undefined when malformed. */
 export function parseListen(s: string): { host: string; port: number } | undefined {
@@ -89,6 +105,7 @@ export function parseListen(s: string): { host: string; port: number } | undefin
 function coerce(key: string, raw: string): unknown {
   if (ARRAY_KEYS.has(key)) return raw.split(",").filter((s) => s !== "");
   if (NUMBER_KEYS.has(key)) return raw.trim() === "" || Number.isNaN(Number(raw)) ? raw : Number(raw);
+  if (BOOLEAN_KEYS.has(key)) return raw === "true" || raw === "1" ? true : raw === "false" || raw === "0" ? false : raw;
   return raw;
 }
 

@@ -24,6 +24,7 @@ import { createMethodRegistry } from "./rpc.js";
 import { diagnosticsKind } from "./system/diagnostics.js";
 import { createHealthChecker, type HealthChecker } from "./system/health.js";
 import { createSystemService } from "./system/service.js";
+import { CredentialStore } from "./trust/credentials.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -103,6 +104,14 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       journalDir,
     }),
   );
+  // Sealed secrets (systemd-creds, TPM-bound), shared by every area that keeps one.
+  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- handed to the trust, backup and tasks areas as they land
+  const credentials = new CredentialStore({
+    dir: join(config.stateDir, "credstore"),
+    tpm2Device: config.tpm2Device,
+    tpmDevices: config.tpmDevices,
+  });
+
   const engine = createDockerEngine(config.dockerSocket);
   const containers = createContainerManager({
     engine,
