@@ -76,6 +76,12 @@ describe("TrustManager with a hand-moved clock (real swtpm, reference central)",
     expect(trust.registration().state).toBe(R.REGISTRATION_STATE_UNREGISTERED);
     expect(await trust.deviceToken()).toBeUndefined();
 
+    // A refused first registration leaves the device unregistered, saying why.
+    central.failAttestation = true;
+    await expect(trust.registerKind.run({}, ctx)).rejects.toMatchObject({ reason: "TPM_ATTESTATION_FAILED" });
+    central.failAttestation = false;
+    expect(trust.registration()).toMatchObject({ state: R.REGISTRATION_STATE_UNREGISTERED, lastError: expect.stringMatching(/^TPM_ATTESTATION_FAILED: /) });
+
     await trust.registerKind.run({}, ctx);
     const jwt = central.issued[central.issued.length - 1]!.jwt;
     const reg = trust.registration();

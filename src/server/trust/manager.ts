@@ -163,6 +163,8 @@ export function createTrustManager(o: TrustManagerOptions): TrustManager {
   let nextRefreshAt: number | undefined;
   let failures = 0;
   let closed = false;
+  /** Why the last registration failed while there is no registration record yet. */
+  let firstError = "";
   /** One registration or refresh at a time. */
   let chain: Promise<unknown> = Promise.resolve();
   const serial = <T>(work: () => Promise<T>): Promise<T> => {
@@ -204,7 +206,7 @@ export function createTrustManager(o: TrustManagerOptions): TrustManager {
       graceEndsAt: r && !r.unregistered ? ts(r.tokenExpiresAt + o.offlineGraceMs) : undefined,
       lastRefreshedAt: ts(r?.lastRefreshedAt),
       nextRefreshAt: ts(nextRefreshAt),
-      lastError: r?.lastError ?? "",
+      lastError: r ? r.lastError : firstError,
       subscriptionTier: r?.claims.subscriptionTier ?? "",
       features: r?.claims.features ?? [],
       updateChannel: r?.claims.updateChannel ?? "",
@@ -263,7 +265,10 @@ export function createTrustManager(o: TrustManagerOptions): TrustManager {
 
   /** Records a refusal or failure of the central on the registration. */
   const noteFailure = async (e: PiccoloError): Promise<void> => {
-    if (!record) return;
+    if (!record) {
+      firstError = `${e.reason ?? e.kind.toUpperCase()}: ${e.message}`;
+      return;
+    }
     const r: RegistrationRecord = { ...record, lastError: `${e.reason ?? e.kind.toUpperCase()}: ${e.message}` };
     if (e.reason === "DEVICE_NOT_REGISTERED") {
       r.unregistered = true;
@@ -472,6 +477,12 @@ export function createTrustManager(o: TrustManagerOptions): TrustManager {
         }
       }
       if (record && !record.unregistered) schedule(dueIn());
+      // Make (or find) the attestation key now, off the start-up path: on a hardware TPM the first
+      // RSA key generation takes seconds, which GetDeviceIdentity should not have to wait for.
+      void o.tpm.identity().then(
+        (id) => log.info({ deviceId: id.deviceId, akHandle: id.akHandle }, "TPM identity ready"),
+        (e: unknown) => log.info({ err: toPiccoloError(e).message }, "no TPM identity"),
+      );
     },
     close() {
       closed = true;
