@@ -25,6 +25,10 @@ import { diagnosticsKind } from "./system/diagnostics.js";
 import { createHealthChecker, type HealthChecker } from "./system/health.js";
 import { createSystemService } from "./system/service.js";
 import { CredentialStore } from "./trust/credentials.js";
+import { createTrustManager, type TrustManager } from "./trust/manager.js";
+import { createTrustService } from "./trust/service.js";
+import { createTpm } from "./trust/tpm.js";
+import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -105,12 +109,25 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     }),
   );
   // Sealed secrets (systemd-creds, TPM-bound), shared by every area that keeps one.
-  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- handed to the trust, backup and tasks areas as they land
   const credentials = new CredentialStore({
     dir: join(config.stateDir, "credstore"),
     tpm2Device: config.tpm2Device,
     tpmDevices: config.tpmDevices,
   });
+
+  // Trust: TPM identity, registration with Piccolo central, the device token (trust.deviceToken()).
+  const trust: TrustManager = createTrustManager({
+    tpm: createTpm({ tpm2Device: config.tpm2Device, tpmDevices: config.tpmDevices, stateDir: join(config.stateDir, "trust") }),
+    credentials,
+    dir: join(config.stateDir, "trust"),
+    centralUrl: config.centralUrl,
+    offlineGraceMs: config.trustOfflineGraceMs,
+    retryMinMs: config.trustRetryMinMs,
+    retryMaxMs: Math.max(config.trustRetryMinMs, config.trustRetryMaxMs),
+    osReleaseFiles: config.osReleaseFiles,
+    log: log.child({ area: "trust" }),
+  });
+  ops.register(trust.registerKind);
 
   const engine = createDockerEngine(config.dockerSocket);
   const containers = createContainerManager({
@@ -124,12 +141,14 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   ops.register(importKind(imageDeps));
   ops.register(buildKind(imageDeps));
   await ops.init();
+  await trust.start();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   const registry = createMethodRegistry();
   registry.add(SystemServiceService, createSystemService({ health, ops, osReleaseFiles: config.osReleaseFiles }), "system");
   registry.add(OperationsServiceService, createOperationsService(ops), "operations");
   registry.add(ContainerServiceService, createContainerService({ containers, ops }), "containers");
+  registry.add(TrustServiceService, createTrustService({ trust, ops }), "trust");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);
@@ -178,6 +197,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     stop() {
       stopped ??= (async () => {
         log.info("stopping: journaling running operations");
+        trust.close();
         await ops.shutdown(config.shutdownGraceMs);
         await grpcServer.shutdown(1000);
         await gateway.close();
