@@ -343,7 +343,7 @@ describe("sealed secrets", () => {
     const s = await d.rest().trust.sealSecret({ name: "db-password", value: Buffer.from(value) });
     expect(s.sealedWith).toBe(SealKey.SEAL_KEY_TPM2);
     expect(s.credentialName).toBe("piccolod_db-password");
-    expect(s.path).toBe(join(d.stateDir, "credstore", "db-password"));
+    expect(s.path).toBe(join(d.stateDir, "secrets", "db-password"));
     expect(s.reserved).toBe(false);
     const out = decrypt(s.path, s.credentialName);
     expect(out.status).toBe(0);
@@ -377,7 +377,7 @@ describe("sealed secrets", () => {
     const list = await d.grpcTcp().trust.listSecrets({});
     expect(list.sealKey).toBe(SealKey.SEAL_KEY_TPM2);
     expect(list.warning).toBe("");
-    expect(list.directory).toBe(join(d.stateDir, "credstore"));
+    expect(list.directory).toBe(join(d.stateDir, "secrets"));
     expect(list.secrets.map((x) => x.name)).toContain("db-password");
   });
 

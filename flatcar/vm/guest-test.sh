@@ -118,7 +118,7 @@ check trust_identity sh -c 'curl -fsS --max-time 300 http://127.0.0.1:8080/api/v
 tvalue="vm-trust-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 if curl -fsS --max-time 300 -X PUT -H 'content-type: application/json' -d "{\"value\":\"$(printf %s "$tvalue" | base64 -w0)\"}" \
   http://127.0.0.1:8080/api/v1/trust/secrets/vm-trust >/tmp/seal.json 2>&1; then
-  got=$(timeout 300 systemd-run --wait --pipe --quiet -p LoadCredentialEncrypted=piccolod_vm-trust:/var/lib/piccolod/credstore/vm-trust \
+  got=$(timeout 300 systemd-run --wait --pipe --quiet -p LoadCredentialEncrypted=piccolod_vm-trust:/var/lib/piccolod/secrets/vm-trust \
     systemd-creds cat piccolod_vm-trust 2>/tmp/run.err)
   if [ "$got" = "$tvalue" ]; then pass trust_secret_in_transient_unit "systemd-run with LoadCredentialEncrypted= read it back"; else fail trust_secret_in_transient_unit "got '${got}' ($(tr '\n' ' ' </tmp/run.err))"; fi
 else

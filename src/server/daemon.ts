@@ -110,7 +110,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   );
   // Sealed secrets (systemd-creds, TPM-bound), shared by every area that keeps one.
   const credentials = new CredentialStore({
-    dir: join(config.stateDir, "credstore"),
+    dir: join(config.stateDir, "secrets"),
     tpm2Device: config.tpm2Device,
     tpmDevices: config.tpmDevices,
   });

@@ -32,7 +32,7 @@ export interface CredentialInfo {
 
 /** How the store reaches the TPM. */
 export interface CredentialStoreOptions {
-  /** Folder of sealed files (<stateDir>/credstore). */
+  /** Folder of sealed files (<stateDir>/secrets; not the credstore piccolod.service loads, so a secret that no longer decrypts cannot stop piccolod from starting). */
   readonly dir: string;
   /** systemd's --tpm2-device= value: "auto", a device path, or a TCTI ("swtpm:host=…,port=…"). */
   readonly tpm2Device: string;
