@@ -17,7 +17,7 @@ import { OperationState as S, type OperationEvent } from "../gen/piccolo/operati
 import { TaskRun, TaskRunState, TaskStatus, type AgentProfile, type CreateTaskRunRequest } from "../gen/piccolo/tasks/v1/tasks.js";
 import type { PiccoloGrpcClients } from "../src/clients/grpc-client.js";
 import { CredentialStore } from "../src/server/trust/credentials.js";
-import { startTestDaemon, ROOT, type TestDaemon } from "./helpers/daemon.js";
+import { CLI_JS, startTestDaemon, ROOT, type TestDaemon } from "./helpers/daemon.js";
 import { run, startDockerd, type TestDockerd } from "./helpers/dockerd.js";
 import { startSwtpm, type Swtpm } from "./helpers/swtpm.js";
 import { startOpenAiSim, type OpenAiSim } from "./sim/openai.js";
@@ -471,3 +471,62 @@ describe("agent services", () => {
     expect([s.code, s.field]).toEqual([grpc.status.FAILED_PRECONDITION, "profile.secrets[0]"]);
   });
 });
+
+describe("piccoloctl tasks", () => {
+  const cli = (args: readonly string[]) => run(process.execPath, [CLI_JS, "--endpoint", `unix://${d.endpoints.socket}`, ...args], { timeoutMs: 240_000 });
+
+  test("run follows each task's phase and ends with the per-task table; list, get and bad flags", async () => {
+    const { repo } = await makeRepo("cli");
+    const r = await cli(["tasks", "run", "--repo", repo, "--request", "- create x.txt ex\n- fail", "--prompt", "Task: {task}", "--image", AGENT_IMAGE, "--command", 'agent exec "{prompt}"', "--network", "none"]);
+    expect(r.stderr).toBe("");
+    expect(r.code).toBe(0);
+    for (const phase of ["plan", "sync", "branches", "task_1", "task_2", "result"]) expect(r.stdout).toContain(phase);
+    expect(r.stdout).toMatch(/1\s+merged\s+[0-9a-f]{12}\s+piccolo\/op-\S+-task-1\s+create x.txt ex\s+merged/);
+    expect(r.stdout).toMatch(/2\s+failed\s+-\s+piccolo\/op-\S+-task-2\s+fail\s+not merged: the agent exited with 3/);
+    expect(r.stdout).toContain("agent: failing on purpose");
+    const id = /^id:\s+(op-\S+)$/m.exec(r.stdout)![1]!;
+    const list = await cli(["tasks", "list"]);
+    expect(list.stdout).toMatch(new RegExp(`${id}\\s+SUCCEEDED\\s+2\\s+1\\s+0\\s+1`));
+    const got = await cli(["-o", "json", "tasks", "get", id]);
+    expect((JSON.parse(got.stdout) as { tasks: { status: string }[] }).tasks.map((t) => t.status)).toEqual(["TASK_STATUS_MERGED", "TASK_STATUS_FAILED"]);
+    const usage = await cli(["tasks", "run", "--repo", repo, "--request", "x", "--command", "agent"]);
+    expect(usage.code).toBe(2);
+    expect(usage.stderr).toContain("--image");
+    const missing = await cli(["tasks", "get", "op-nope"]);
+    expect(missing.code).not.toBe(0);
+    expect(missing.stderr).toContain("NOT_FOUND");
+  }, 300_000);
+});
+
+test("a daemon killed mid-run: the next start removes the agent container and marks the run INTERRUPTED, branches kept", async () => {
+  const { repo } = await makeRepo("crash");
+  const stream = api.tasks.createTaskRun(request({ repository: repo, request: "- create k1.txt one\n- sleep 600", profile: profile({ secrets: ["openai_key"] }) }));
+  const events: OperationEvent[] = [];
+  const done = (async () => {
+    for await (const e of stream) events.push(e);
+  })().catch(() => undefined);
+  let name = "";
+  for (let i = 0; i < 600 && !name; i++) {
+    await new Promise((r) => setTimeout(r, 200));
+    name = (await engine.ps()).find((c) => /^piccolo-task-.*-2$/.test(c["Names"] ?? "") && c["State"] === "running")?.["Names"] ?? "";
+  }
+  expect(name).not.toBe("");
+  const id = events.find((e) => e.attached)!.attached!.id;
+  await d.kill9();
+  await done;
+  // The secret file of the run is still in memory until the next start cleans up.
+  await d.restart();
+  api = d.grpcUnix();
+  const rec = await api.tasks.getTaskRun({ id });
+  expect(rec.state).toBe(TaskRunState.TASK_RUN_STATE_INTERRUPTED);
+  expect(rec.tasks.map((t) => t.status)).toEqual([TaskStatus.TASK_STATUS_MERGED, TaskStatus.TASK_STATUS_CANCELLED]);
+  const op = await api.operations.getOperation({ id });
+  expect(op.error!.message).toContain(`removed container ${name}`);
+  expect(op.error!.message).toContain("branches kept");
+  expect((await engine.ps()).filter((c) => c["Names"] === name)).toEqual([]);
+  expect(await readdir(secretsDir)).toEqual([]);
+  const refs = (await g(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/")).split("\n");
+  for (const b of rec.branches) expect(refs).toContain(b);
+  expect((await g(repo, "worktree", "list")).split("\n")).toHaveLength(1);
+  await expectNoSecretLeak(repo);
+}, 300_000);
