@@ -318,6 +318,21 @@ describe("bad input changes nothing", () => {
     expect(await repoState(r)).toBe(before);
   });
 
+  test("a dirty tree whose commit a hook refuses: the run fails before any branch, the index as it was", async () => {
+    const { repo: r } = await makeRepo("hooked");
+    await writeFile(join(r, ".git", "hooks", "pre-commit"), "#!/bin/sh\necho 'pre-commit: refusing this commit' >&2\nexit 1\n", { mode: 0o755 });
+    await writeFile(join(r, "README.md"), "base\nstaged edit\n");
+    await g(r, "add", "README.md");
+    await writeFile(join(r, "new.txt"), "untracked\n");
+    const before = await repoState(r);
+    const events = await all(api.tasks.createTaskRun(request({ repository: r, request: "create x.txt x" })));
+    expect(outcome(events).state).toBe(S.OPERATION_STATE_FAILED);
+    expect(outcome(events).error!.code).toBe(grpc.status.FAILED_PRECONDITION);
+    expect(outcome(events).error!.message).toMatch(/could not be committed.*pre-commit: refusing/);
+    expect(await repoState(r)).toBe(before);
+    expect(await g(r, "status", "--porcelain")).toBe("M  README.md\n?? new.txt".trim());
+  });
+
   test("a planner answer that is not a task list fails the run before any git change", async () => {
     plannerAnswer = "Sure! Here is what I would do: first write the code, then test it.";
     const before = await repoState(repo);
@@ -389,6 +404,10 @@ test("cancel stops the running agent within the grace period and keeps the branc
   expect(await engine.dockerOk(["exec", name, "sh", "-c", "sha256sum < /run/secrets/openai_key | cut -d' ' -f1"])).toBe(createHash("sha256").update(SECRET).digest("hex") + "\n");
 
   const id = events.find((e) => e.attached)!.attached!.id;
+  // One run per repository at a time.
+  const second = await failure(api.tasks.createTaskRun(request({ repository: repo, request: "create z.txt z" })));
+  expect([second.code, second.field]).toEqual([grpc.status.FAILED_PRECONDITION, "repository"]);
+  expect(second.message).toContain(id);
   const since = Math.floor(Date.now() / 1000) - 1;
   const cancelledAt = Date.now();
   const cancelled = await api.tasks.cancelTaskRun({ id });

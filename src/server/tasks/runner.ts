@@ -8,7 +8,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { chmod, mkdir, realpath, rm, stat, statfs, writeFile } from "node:fs/promises";
-import { isAbsolute, join, posix } from "node:path";
+import { dirname, isAbsolute, join, posix } from "node:path";
 import type { Logger } from "pino";
 import { Any } from "../../../gen/google/protobuf/any.js";
 import { ContainerState, ContainerSpec, MountType, type Mount } from "../../../gen/piccolo/containers/v1/containers.js";
@@ -48,6 +48,10 @@ export interface CheckedRun {
   readonly request: CreateTaskRunRequest;
   /** The repository's top folder, symlinks resolved. */
   readonly repository: string;
+  /** Its common git folder (where run worktrees go). */
+  readonly gitDir: string;
+  /** Who asked for the run. */
+  readonly actor: string;
   readonly baseBranch: string;
   readonly command: readonly string[];
   readonly mountPath: string;
@@ -77,11 +81,14 @@ function containerPath(value: string, dflt: string, field: string): string {
 
 /** Whether `dir` is on a memory filesystem (tmpfs or ramfs), so secret files never reach a disk. */
 export async function onMemoryFilesystem(dir: string): Promise<boolean> {
-  try {
-    const s = await statfs(dir);
-    return s.type === TMPFS_MAGIC || s.type === RAMFS_MAGIC;
-  } catch {
-    return false;
+  // A folder not made yet will be on its nearest existing parent's filesystem.
+  for (let d = dir; ; d = dirname(d)) {
+    try {
+      const s = await statfs(d);
+      return s.type === TMPFS_MAGIC || s.type === RAMFS_MAGIC;
+    } catch {
+      if (d === dirname(d)) return false;
+    }
   }
 }
 
@@ -141,7 +148,7 @@ export async function checkProfile(
 }
 
 /** Checks a request completely; nothing on the host changes. Throws PiccoloError naming the field. */
-export async function prepareRun(req: CreateTaskRunRequest, deps: TaskRunnerDeps, busyRepos: ReadonlyMap<string, string>, signal: AbortSignal): Promise<CheckedRun> {
+export async function prepareRun(req: CreateTaskRunRequest, deps: TaskRunnerDeps, busyRepos: ReadonlyMap<string, string>, actor: string, signal: AbortSignal): Promise<CheckedRun> {
   if (req.repository === "") throw invalidArgument("repository", "is required");
   if (req.request.trim() === "") throw invalidArgument("request", "is required");
   if (req.request.length > 256 * 1024) throw invalidArgument("request", "is longer than 256 KiB");
@@ -235,6 +242,8 @@ export async function prepareRun(req: CreateTaskRunRequest, deps: TaskRunnerDeps
   return {
     request: CreateTaskRunRequest.fromPartial({ ...req, repository: repoPath, baseBranch }),
     repository: repoPath,
+    gitDir: await gitOk(repoPath, ["rev-parse", "--git-common-dir"], signal).then((d) => (isAbsolute(d) ? d : join(repoPath, d))),
+    actor,
     baseBranch,
     command: p.command,
     mountPath: p.mountPath,
@@ -263,8 +272,8 @@ const shortId = (id: string): string => id.replace(/^op-/, "").replace(/[^A-Za-z
 /** The task runner: the operation kind plus the records. */
 export interface TaskRunner {
   readonly kind: OperationKind<CheckedRun>;
-  /** Repositories with a run going, and the run's id. */
-  readonly busy: ReadonlyMap<string, string>;
+  /** Repositories with a run going (or starting), and the run's id. */
+  readonly busy: Map<string, string>;
 }
 
 /** Creates the runner. */
@@ -283,14 +292,13 @@ export function createTaskRunner(deps: TaskRunnerDeps): TaskRunner {
       repository: repo,
       baseBranch: c.baseBranch,
       image: profile.image,
+      actor: c.actor,
       createTime: new Date(),
     });
     busy.set(repo, id);
     const save = (): Promise<void> => store.save(record);
-    await save();
     const log = ctx.log;
-    const gitDir = await gitOk(repo, ["rev-parse", "--git-common-dir"], ctx.signal).then((d) => (isAbsolute(d) ? d : join(repo, d)));
-    const workRoot = join(gitDir, "piccolo-runs", shortId(id));
+    const workRoot = join(c.gitDir, "piccolo-runs", shortId(id));
     const secretDir = join(deps.secretsDir, shortId(id));
     const worktrees: string[] = [];
     let running: string | undefined;
@@ -301,6 +309,7 @@ export function createTaskRunner(deps: TaskRunnerDeps): TaskRunner {
       ctx.progress({ phase: name, phaseIndex: index, phaseCount, percent, message, items: items() });
 
     try {
+      await save();
       // 1. Plan; unseal what the agents get, so a secret that cannot be unsealed fails here too.
       phase("plan", 1, 0, profile.plannerUrl ? `asking the planner model ${profile.plannerModel}` : "splitting the request into tasks");
       let plan: Plan;
@@ -336,9 +345,17 @@ export function createTaskRunner(deps: TaskRunnerDeps): TaskRunner {
       // 2. Sync: commit local changes, then pull from origin.
       phase("sync", 2, 5, "committing local changes and pulling from origin");
       if ((await gitOk(repo, ["status", "--porcelain"], ctx.signal)) !== "") {
+        // The index as the user left it, to put back when the commit is refused (e.g. by a hook).
+        const savedIndex = await gitOk(repo, ["write-tree"], ctx.signal);
         await gitOk(repo, ["add", "-A"], ctx.signal);
         const commit = await git(repo, ["commit", "-q", "-m", `piccolod: local changes before task run ${id}`], ctx.signal);
-        if (commit.code !== 0) throw new PiccoloError("failed_precondition", `repository: the local changes could not be committed: ${(commit.stderr || commit.stdout).trim().slice(0, 300)}`);
+        if (commit.code !== 0) {
+          await git(repo, ["read-tree", savedIndex]);
+          throw new PiccoloError("failed_precondition", `repository: the local changes could not be committed (nothing was changed): ${(commit.stderr || commit.stdout).trim().slice(0, 300)}`, {
+            field: "repository",
+            reason: "TREE_NOT_COMMITTABLE",
+          });
+        }
         record.syncCommit = await gitOk(repo, ["rev-parse", "HEAD"], ctx.signal);
         await save();
       }
@@ -454,7 +471,8 @@ export function createTaskRunner(deps: TaskRunnerDeps): TaskRunner {
         // Commit what the agent changed to the task's branch.
         await gitOk(tree, ["add", "-A"], ctx.signal);
         if ((await git(tree, ["diff", "--cached", "--quiet"], ctx.signal)).code !== 0) {
-          await gitOk(tree, ["commit", "-q", "-m", `task ${t.index}: ${t.text.slice(0, 200)}\n\nPiccolo task run ${id}`], ctx.signal);
+          // piccolod's own commits skip the repository's hooks: the agent's work is recorded as it is.
+          await gitOk(tree, ["commit", "-q", "--no-verify", "-m", `task ${t.index}: ${t.text.slice(0, 200)}\n\nPiccolo task run ${id}`], ctx.signal);
           t.commit = await gitOk(tree, ["rev-parse", "HEAD"], ctx.signal);
         }
         if (timedOut || state.exitCode !== 0) {
@@ -464,7 +482,7 @@ export function createTaskRunner(deps: TaskRunnerDeps): TaskRunner {
           t.status = TaskStatus.TASK_STATUS_NO_CHANGES;
           t.mergeOutcome = "nothing to merge: the agent changed nothing";
         } else {
-          const m = await git(serviceTree, ["merge", "--no-ff", "--no-edit", "-m", `Merge task ${t.index} into ${service}: ${t.text.slice(0, 120)}`, t.branch], ctx.signal);
+          const m = await git(serviceTree, ["merge", "--no-ff", "--no-edit", "--no-verify", "-m", `Merge task ${t.index} into ${service}: ${t.text.slice(0, 120)}`, t.branch], ctx.signal);
           if (m.code === 0) {
             t.status = TaskStatus.TASK_STATUS_MERGED;
             t.mergeCommit = await gitOk(serviceTree, ["rev-parse", "HEAD"], ctx.signal);

@@ -23,8 +23,23 @@ export function createTaskService(deps: TaskServiceDeps): ServiceImpl<typeof Tas
   const store = runnerDeps.store;
   return {
     async createTaskRun(req, ctx, sink) {
-      const checked = await prepareRun(req, runnerDeps, runner.busy, ctx.signal);
-      const op = await ops.start(RUN_KIND, checked, ctx.actor);
+      const checked = await prepareRun(req, runnerDeps, runner.busy, ctx.actor, ctx.signal);
+      // Claim the repository before the operation starts, so two calls cannot both pass the check.
+      const other = runner.busy.get(checked.repository);
+      if (other) {
+        throw new PiccoloError("failed_precondition", `repository: task run ${other} is running on ${checked.repository}; wait for it or cancel it`, {
+          field: "repository",
+          reason: "OPERATION_RUNNING",
+        });
+      }
+      runner.busy.set(checked.repository, "(starting)");
+      let op;
+      try {
+        op = await ops.start(RUN_KIND, checked, ctx.actor);
+      } catch (e) {
+        runner.busy.delete(checked.repository);
+        throw e;
+      }
       ctx.startedOperation = { id: op.id };
       await streamOperation(ops, op.id, 0, ctx, sink);
     },
