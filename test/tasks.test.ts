@@ -352,13 +352,18 @@ describe("bad input changes nothing", () => {
   });
 });
 
-test("the model planner's task list and prompt drive the run; its key travels only to the endpoint", async () => {
+test("the model planner's task list and prompt drive the run (over REST, repository at /src); its key travels only to the endpoint", async () => {
   const { repo } = await makeRepo("model");
   plannerAnswer = "```json\n" + JSON.stringify({ tasks: ["create m1.txt one", "create m2.txt two"], prompt: "Work in the repository. Task: {task}" }) + "\n```";
   const requestsBefore = sim.requests.length;
   const events = await all(
-    api.tasks.createTaskRun(
-      request({ repository: repo, request: "Add two files, m1 and m2.", promptTemplate: "", profile: profile({ plannerUrl: sim.url, plannerModel: "sim-planner-1", plannerSecret: "planner_key" }) }),
+    d.rest().tasks.createTaskRun(
+      request({
+        repository: repo,
+        request: "Add two files, m1 and m2.",
+        promptTemplate: "",
+        profile: profile({ plannerUrl: sim.url, plannerModel: "sim-planner-1", plannerSecret: "planner_key", mountPath: "/src" }),
+      }),
     ),
   );
   expect(outcome(events).error?.message ?? "").toBe("");
@@ -410,8 +415,9 @@ test("cancel stops the running agent within the grace period and keeps the branc
   expect(second.message).toContain(id);
   const since = Math.floor(Date.now() / 1000) - 1;
   const cancelledAt = Date.now();
-  const cancelled = await api.tasks.cancelTaskRun({ id });
-  expect(cancelled.id).toBe(id);
+  const cancelled = await run(process.execPath, [CLI_JS, "--endpoint", `unix://${d.endpoints.socket}`, "tasks", "cancel", id]);
+  expect(cancelled.stdout).toContain(`cancelling ${id}`);
+  expect(cancelled.code).toBe(0);
   await done;
   expect(outcome(events).state).toBe(S.OPERATION_STATE_CANCELLED);
   // The engine's own record: the container died within the grace period (plus slack for a busy machine).
