@@ -67,8 +67,10 @@ describe("modelPlan", () => {
   });
 
   test("an HTTP error names the endpoint's answer; a closed port is UNAVAILABLE", async () => {
-    answer = { status: 401, body: '{"error":{"message":"Incorrect API key provided"}}' };
-    await expect(plan()).rejects.toThrow(/HTTP 401.*Incorrect API key/);
+    answer = { status: 401, body: '{"error":{"message":"Incorrect API key provided: sk-echoed-key"}}' };
+    const e = (await modelPlan({ url, model: "m", apiKey: Buffer.from("sk-echoed-key\n"), request: "r", signal: new AbortController().signal }).catch((x: unknown) => x)) as Error;
+    expect(e.message).toMatch(/HTTP 401.*Incorrect API key provided: \[redacted\]/);
+    expect(e.message).not.toContain("sk-echoed-key");
     await expect(modelPlan({ url: "http://127.0.0.1:1/v1", model: "m", apiKey: undefined, request: "r", signal: new AbortController().signal })).rejects.toMatchObject({ kind: "unavailable" });
   });
 });

@@ -69,7 +69,10 @@ export const PLANNER_SYSTEM_PROMPT = [
 export async function modelPlan(r: ModelPlannerRequest): Promise<Plan> {
   const endpoint = `${r.url.replace(/\/+$/, "")}/chat/completions`;
   const headers: Record<string, string> = { "content-type": "application/json", accept: "application/json" };
-  if (r.apiKey) headers["authorization"] = `Bearer ${r.apiKey.toString("utf8").trim()}`;
+  const key = r.apiKey?.toString("utf8").trim() ?? "";
+  if (key) headers["authorization"] = `Bearer ${key}`;
+  // Whatever the endpoint says goes into errors (and so the journal): never let it echo the key.
+  const redact = (text: string): string => (key.length >= 4 ? text.split(key).join("[redacted]") : text);
   let res: Response;
   try {
     res = await fetch(endpoint, {
@@ -94,10 +97,10 @@ export async function modelPlan(r: ModelPlannerRequest): Promise<Plan> {
   }
   const text = await res.text();
   if (!res.ok) {
-    throw new PiccoloError("failed_precondition", `profile.planner_url: the planner answered HTTP ${res.status}: ${text.slice(0, 300)}`, { field: "profile.planner_url" });
+    throw new PiccoloError("failed_precondition", `profile.planner_url: the planner answered HTTP ${res.status}: ${redact(text).slice(0, 300)}`, { field: "profile.planner_url" });
   }
   const bad = (why: string): PiccoloError =>
-    new PiccoloError("failed_precondition", `the planner's answer is not a task list: ${why}`, { field: "profile.planner_model", reason: "PLANNER_ANSWER_INVALID" });
+    new PiccoloError("failed_precondition", `the planner's answer is not a task list: ${redact(why)}`, { field: "profile.planner_model", reason: "PLANNER_ANSWER_INVALID" });
   let content: unknown;
   try {
     const body = JSON.parse(text) as { choices?: { message?: { content?: unknown } }[] };

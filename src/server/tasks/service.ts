@@ -53,8 +53,15 @@ export function createTaskService(deps: TaskServiceDeps): ServiceImpl<typeof Tas
     async cancelTaskRun(req, ctx) {
       const id = validate.id(req.id, "id");
       const run = await getRun(store, id);
-      const op = ops.get(id);
-      if (op.state !== OperationState.OPERATION_STATE_RUNNING && op.state !== OperationState.OPERATION_STATE_PENDING) {
+      // The operation of an old run may have been pruned from the journal: then it has ended too.
+      const op = (() => {
+        try {
+          return ops.get(id);
+        } catch {
+          return undefined;
+        }
+      })();
+      if (!op || (op.state !== OperationState.OPERATION_STATE_RUNNING && op.state !== OperationState.OPERATION_STATE_PENDING)) {
         throw new PiccoloError("failed_precondition", `task run ${id} has already ended`, { metadata: { operation_id: id } });
       }
       ops.cancel(id, ctx.actor);
