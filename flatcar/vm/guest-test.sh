@@ -111,6 +111,20 @@ if [ "$got" = "$secret" ]; then pass credential_reaches_piccolod "\$CREDENTIALS_
 blob=/var/lib/piccolod/credstore/vm-key
 { printf '%-16s' "$(stat -c %s "$blob")"; cat "$blob"; } | dd of="$blob_disk" bs=4096 seek=256 conv=fsync status=none && pass sealed_blob_saved "$(stat -c %s "$blob") bytes"
 
+# 6. Trust on the vTPM: the API sees the TPM and makes the identity, and a secret sealed through
+#    SealSecret is read back by a transient unit with LoadCredentialEncrypted=.
+check trust_tpm_present sh -c 'curl -fsS --max-time 120 http://127.0.0.1:8080/api/v1/trust/tpm | grep -o "\"present\":true"'
+check trust_identity sh -c 'curl -fsS --max-time 300 http://127.0.0.1:8080/api/v1/trust/identity | grep -o "\"deviceId\":\"[0-9a-f]*\""'
+tvalue="vm-trust-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+if curl -fsS --max-time 300 -X PUT -H 'content-type: application/json' -d "{\"value\":\"$(printf %s "$tvalue" | base64 -w0)\"}" \
+  http://127.0.0.1:8080/api/v1/trust/secrets/vm-trust >/tmp/seal.json 2>&1; then
+  got=$(timeout 300 systemd-run --wait --pipe --quiet -p LoadCredentialEncrypted=piccolod_vm-trust:/var/lib/piccolod/credstore/vm-trust \
+    systemd-creds cat piccolod_vm-trust 2>/tmp/run.err)
+  if [ "$got" = "$tvalue" ]; then pass trust_secret_in_transient_unit "systemd-run with LoadCredentialEncrypted= read it back"; else fail trust_secret_in_transient_unit "got '${got}' ($(tr '\n' ' ' </tmp/run.err))"; fi
+else
+  fail trust_secret_in_transient_unit "SealSecret failed: $(cat /tmp/seal.json)"
+fi
+
 if [ "$failures" -gt 0 ]; then
   echo "--- piccolod journal (last 40 lines) ---"
   journalctl -u piccolod.service --no-pager -n 40 -o short-monotonic | cut -c1-300

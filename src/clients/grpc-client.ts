@@ -8,6 +8,7 @@ import { ContainerServiceService } from "../../gen/piccolo/containers/v1/contain
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
+import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
 
 /** The shape of a ts-proto grpc-js service definition entry. */
 interface DefEntry {
@@ -126,6 +127,7 @@ export interface PiccoloGrpcClients {
   readonly operations: PromiseClient<typeof OperationsServiceService>;
   readonly containers: PromiseClient<typeof ContainerServiceService>;
   readonly tasks: PromiseClient<typeof TaskServiceService>;
+  readonly trust: PromiseClient<typeof TrustServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -141,6 +143,7 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     operations: createPromiseClient(channel, OperationsServiceService, options),
     containers: createPromiseClient(channel, ContainerServiceService, options),
     tasks: createPromiseClient(channel, TaskServiceService, options),
+    trust: createPromiseClient(channel, TrustServiceService, options),
     channel,
     close: () => channel.close(),
   };

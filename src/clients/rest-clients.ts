@@ -3,6 +3,7 @@ import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/cont
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
 import { TaskServiceRestClient } from "../../gen/piccolo/tasks/v1/tasks_rest.js";
+import { TrustServiceRestClient } from "../../gen/piccolo/trust/v1/trust_rest.js";
 import { createRestTransport, type RestTransportOptions } from "./rest-transport.js";
 
 /** The REST clients for every piccolod service. */
@@ -11,6 +12,7 @@ export interface PiccoloRestClients {
   readonly operations: OperationsServiceRestClient;
   readonly containers: ContainerServiceRestClient;
   readonly tasks: TaskServiceRestClient;
+  readonly trust: TrustServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
@@ -21,5 +23,6 @@ export function createRestClients(options: RestTransportOptions): PiccoloRestCli
     operations: new OperationsServiceRestClient(t),
     containers: new ContainerServiceRestClient(t),
     tasks: new TaskServiceRestClient(t),
+    trust: new TrustServiceRestClient(t),
   };
 }

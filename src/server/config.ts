@@ -66,6 +66,17 @@ export const ConfigSchema = z
     agentUnitDir: absPath.default("/etc/systemd/system"),
     /** The docker CLI agent service units run. */
     agentDockerCli: absPath.default("/usr/bin/docker"),
+    /** Piccolo central's base URL for device registration and token refresh ("" until configured). */
+    centralUrl: z
+      .string()
+      .refine((s) => s === "" || /^https?:\/\/[^\s/]+/.test(s), { message: 'expected an http(s) URL such as "https://central.example" or ""' })
+      .default(""),
+    /** How long after the device token's expiry the device keeps its standing while the central is unreachable. */
+    trustOfflineGraceMs: z.number().int().min(0).max(30 * 86_400_000).default(86_400_000),
+    /** First retry delay of the background token refresh after a failure (doubling each time). */
+    trustRetryMinMs: z.number().int().min(100).max(86_400_000).default(5000),
+    /** Largest retry delay of the background token refresh. */
+    trustRetryMaxMs: z.number().int().min(100).max(86_400_000).default(600_000),
   })
   .strict();
 

@@ -30,6 +30,10 @@ import { createTaskRunner } from "./tasks/runner.js";
 import { createTaskService } from "./tasks/service.js";
 import { openTaskRunStore } from "./tasks/store.js";
 import { CredentialStore } from "./trust/credentials.js";
+import { createTrustManager, type TrustManager } from "./trust/manager.js";
+import { createTrustService } from "./trust/service.js";
+import { createTpm } from "./trust/tpm.js";
+import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -116,6 +120,20 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     tpmDevices: config.tpmDevices,
   });
 
+  // Trust: TPM identity, registration with Piccolo central, the device token (trust.deviceToken()).
+  const trust: TrustManager = createTrustManager({
+    tpm: createTpm({ tpm2Device: config.tpm2Device, tpmDevices: config.tpmDevices, stateDir: join(config.stateDir, "trust") }),
+    credentials,
+    dir: join(config.stateDir, "trust"),
+    centralUrl: config.centralUrl,
+    offlineGraceMs: config.trustOfflineGraceMs,
+    retryMinMs: config.trustRetryMinMs,
+    retryMaxMs: Math.max(config.trustRetryMinMs, config.trustRetryMaxMs),
+    osReleaseFiles: config.osReleaseFiles,
+    log: log.child({ area: "trust" }),
+  });
+  ops.register(trust.registerKind);
+
   const engine = createDockerEngine(config.dockerSocket);
   const containers = createContainerManager({
     engine,
@@ -137,6 +155,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const taskRunner = createTaskRunner(taskRunnerDeps);
   ops.register(taskRunner.kind);
   await ops.init();
+  await trust.start();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   const registry = createMethodRegistry();
@@ -161,6 +180,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     }),
     "tasks",
   );
+  registry.add(TrustServiceService, createTrustService({ trust, ops }), "trust");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);
@@ -209,6 +229,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     stop() {
       stopped ??= (async () => {
         log.info("stopping: journaling running operations");
+        trust.close();
         await ops.shutdown(config.shutdownGraceMs);
         await grpcServer.shutdown(1000);
         await gateway.close();

@@ -9,6 +9,7 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
 import type { CommandContext, GlobalOptions } from "./commands.js";
 import type { TextSink } from "./progress.js";
+import { addTrustCommands } from "./trust-program.js";
 
 /** The default endpoint when neither --endpoint nor PICCOLO_ENDPOINT is given. */
 export const DEFAULT_ENDPOINT = "unix:///run/piccolod/piccolod.sock";
@@ -134,6 +135,7 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
 
   addContainerCommands(program, run);
   addTaskCommands(program, run);
+  addTrustCommands(program, run);
 
   return program;
 }

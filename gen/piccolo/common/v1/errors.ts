@@ -35,6 +35,14 @@ export enum ErrorReason {
   HOST_PART_UNAVAILABLE = 7,
   /** NOT_FOUND - The named thing does not exist. */
   NOT_FOUND = 8,
+  /** DEVICE_NOT_REGISTERED - Trust: Piccolo central does not know this device (register it again). */
+  DEVICE_NOT_REGISTERED = 20,
+  /** SUBSCRIPTION_EXPIRED - Trust: Piccolo central refused the device because its subscription has expired. */
+  SUBSCRIPTION_EXPIRED = 21,
+  /** TPM_ATTESTATION_FAILED - Trust: Piccolo central could not verify the device's TPM quote (or its nonce was stale or reused). */
+  TPM_ATTESTATION_FAILED = 22,
+  /** CENTRAL_UNAVAILABLE - Trust: Piccolo central could not be reached or answered with a server error. */
+  CENTRAL_UNAVAILABLE = 23,
 }
 
 /**
