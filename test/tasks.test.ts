@@ -16,7 +16,6 @@ import { Status } from "../gen/google/rpc/status.js";
 import { OperationState as S, type OperationEvent } from "../gen/piccolo/operations/v1/operations.js";
 import { TaskRun, TaskRunState, TaskStatus, type AgentProfile, type CreateTaskRunRequest } from "../gen/piccolo/tasks/v1/tasks.js";
 import type { PiccoloGrpcClients } from "../src/clients/grpc-client.js";
-import { CredentialStore } from "../src/server/trust/credentials.js";
 import { CLI_JS, startTestDaemon, ROOT, type TestDaemon } from "./helpers/daemon.js";
 import { run, startDockerd, type TestDockerd } from "./helpers/dockerd.js";
 import { startSwtpm, type Swtpm } from "./helpers/swtpm.js";
@@ -118,7 +117,7 @@ async function failure(it: AsyncIterable<unknown>): Promise<{ code: number; mess
 
 beforeAll(async () => {
   engine = await startDockerd();
-  tpm = await startSwtpm();
+  tpm = await startSwtpm({ manufacture: true });
   work = await mkdtemp(join(tmpdir(), "ptk-"));
   dataRoot = join(work, "data");
   await mkdir(dataRoot, { recursive: true });
@@ -153,10 +152,19 @@ beforeAll(async () => {
     ],
   });
   api = d.grpcUnix();
-  // Seal the keys as the trust area does: systemd-creds on the daemon's credstore, to the TPM.
-  const store = new CredentialStore({ dir: join(d.stateDir, "credstore"), tpm2Device: tpm.tcti, tpmDevices: [] });
-  await store.seal("openai_key", Buffer.from(SECRET));
-  await store.seal("planner_key", Buffer.from(PLANNER_SECRET));
+  // The trust area makes the device's attestation key right after start; wait for it, as two
+  // users of a TPM without a resource manager (swtpm here) must not interleave.
+  for (let i = 0; ; i++) {
+    const ok = await api.trust.getDeviceIdentity({}).then(() => true, () => false);
+    if (ok) break;
+    if (i > 600) throw new Error("the device identity never became available");
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  // Seal the keys through the trust area's SealSecret (systemd-creds on the daemon's credstore, to
+  // the swtpm), so the audit record of that call is part of what the leak checks read.
+  await api.trust.sealSecret({ name: "openai_key", value: Buffer.from(SECRET) });
+  await api.trust.sealSecret({ name: "planner_key", value: Buffer.from(PLANNER_SECRET) });
+  expect((await api.trust.listSecrets({})).secrets.map((x) => x.name)).toEqual(expect.arrayContaining(["openai_key", "planner_key"]));
   // The agent image, built from the Dockerfile in the fixture through the containers area.
   const ctx = join(dataRoot, "agent-image");
   await cp(join(ROOT, "test/fixtures/tasks-agent"), ctx, { recursive: true });
