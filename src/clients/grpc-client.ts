@@ -7,6 +7,7 @@ import * as grpc from "@grpc/grpc-js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
+import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
 import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
 
 /** The shape of a ts-proto grpc-js service definition entry. */
@@ -125,6 +126,7 @@ export interface PiccoloGrpcClients {
   readonly system: PromiseClient<typeof SystemServiceService>;
   readonly operations: PromiseClient<typeof OperationsServiceService>;
   readonly containers: PromiseClient<typeof ContainerServiceService>;
+  readonly tasks: PromiseClient<typeof TaskServiceService>;
   readonly trust: PromiseClient<typeof TrustServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
@@ -140,6 +142,7 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     system: createPromiseClient(channel, SystemServiceService, options),
     operations: createPromiseClient(channel, OperationsServiceService, options),
     containers: createPromiseClient(channel, ContainerServiceService, options),
+    tasks: createPromiseClient(channel, TaskServiceService, options),
     trust: createPromiseClient(channel, TrustServiceService, options),
     channel,
     close: () => channel.close(),

@@ -2,6 +2,7 @@
 import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
+import { TaskServiceRestClient } from "../../gen/piccolo/tasks/v1/tasks_rest.js";
 import { TrustServiceRestClient } from "../../gen/piccolo/trust/v1/trust_rest.js";
 import { createRestTransport, type RestTransportOptions } from "./rest-transport.js";
 
@@ -10,11 +11,18 @@ export interface PiccoloRestClients {
   readonly system: SystemServiceRestClient;
   readonly operations: OperationsServiceRestClient;
   readonly containers: ContainerServiceRestClient;
+  readonly tasks: TaskServiceRestClient;
   readonly trust: TrustServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
 export function createRestClients(options: RestTransportOptions): PiccoloRestClients {
   const t = createRestTransport(options);
-  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t), trust: new TrustServiceRestClient(t) };
+  return {
+    system: new SystemServiceRestClient(t),
+    operations: new OperationsServiceRestClient(t),
+    containers: new ContainerServiceRestClient(t),
+    tasks: new TaskServiceRestClient(t),
+    trust: new TrustServiceRestClient(t),
+  };
 }

@@ -60,6 +60,12 @@ export const ConfigSchema = z
      * of tpmDevices), a device path, or a TCTI such as "swtpm:host=127.0.0.1,port=2321" (tests).
      */
     tpm2Device: z.string().min(1).default("auto"),
+    /** A folder on a tmpfs where a task run's agent secrets are written for its containers (removed after the run). */
+    tasksSecretsDir: absPath.default("/run/piccolod/task-secrets"),
+    /** Where CreateAgentService writes agent service units. */
+    agentUnitDir: absPath.default("/etc/systemd/system"),
+    /** The docker CLI agent service units run. */
+    agentDockerCli: absPath.default("/usr/bin/docker"),
     /** Piccolo central's base URL for device registration and token refresh ("" until configured). */
     centralUrl: z
       .string()

@@ -8,6 +8,7 @@ import pino, { type Logger } from "pino";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
+import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
 import { parseListen, type Config } from "./config.js";
 import { createDockerEngine } from "./containers/docker.js";
@@ -24,6 +25,10 @@ import { createMethodRegistry } from "./rpc.js";
 import { diagnosticsKind } from "./system/diagnostics.js";
 import { createHealthChecker, type HealthChecker } from "./system/health.js";
 import { createSystemService } from "./system/service.js";
+import { dbusSystemd } from "./tasks/agent-service.js";
+import { createTaskRunner } from "./tasks/runner.js";
+import { createTaskService } from "./tasks/service.js";
+import { openTaskRunStore } from "./tasks/store.js";
 import { CredentialStore } from "./trust/credentials.js";
 import { createTrustManager, type TrustManager } from "./trust/manager.js";
 import { createTrustService } from "./trust/service.js";
@@ -140,6 +145,15 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   ops.register(pullKind(imageDeps));
   ops.register(importKind(imageDeps));
   ops.register(buildKind(imageDeps));
+  const taskRunnerDeps = {
+    containers,
+    credentials,
+    store: await openTaskRunStore(join(config.stateDir, "tasks")),
+    secretsDir: config.tasksSecretsDir,
+    log: log.child({ area: "tasks" }),
+  };
+  const taskRunner = createTaskRunner(taskRunnerDeps);
+  ops.register(taskRunner.kind);
   await ops.init();
   await trust.start();
 
@@ -148,6 +162,24 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   registry.add(SystemServiceService, createSystemService({ health, ops, osReleaseFiles: config.osReleaseFiles }), "system");
   registry.add(OperationsServiceService, createOperationsService(ops), "operations");
   registry.add(ContainerServiceService, createContainerService({ containers, ops }), "containers");
+  registry.add(
+    TaskServiceService,
+    createTaskService({
+      ops,
+      runner: taskRunner,
+      runnerDeps: taskRunnerDeps,
+      agentServices: {
+        containers,
+        credentials,
+        unitDir: config.agentUnitDir,
+        dockerCli: config.agentDockerCli,
+        dockerSocket: config.dockerSocket,
+        systemBusAddress: config.systemBusAddress,
+      },
+      systemd: dbusSystemd(config.systemBusAddress),
+    }),
+    "tasks",
+  );
   registry.add(TrustServiceService, createTrustService({ trust, ops }), "trust");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 

@@ -37,6 +37,14 @@ import type {
   WatchEventsRequest,
 } from "../../../gen/piccolo/containers/v1/containers.js";
 import type { GetHealthResponse, GetVersionResponse, RunDiagnosticsRequest } from "../../../gen/piccolo/system/v1/system.js";
+import type {
+  AgentService,
+  CreateAgentServiceRequest,
+  CreateTaskRunRequest,
+  ListTaskRunsRequest,
+  ListTaskRunsResponse,
+  TaskRun,
+} from "../../../gen/piccolo/tasks/v1/tasks.js";
 import { createGrpcClients, grpcTarget } from "../grpc-client.js";
 import { createRestClients } from "../rest-clients.js";
 import type { OpenWatch } from "../watch.js";
@@ -78,6 +86,16 @@ export interface ContainersApi {
   removeImage(request: RemoveImageRequest): Promise<RemoveImageResponse>;
 }
 
+/** The TaskService calls piccoloctl makes. */
+export interface TasksApi {
+  /** Starts a tasks.run operation and streams its events. */
+  createTaskRun(request: CreateTaskRunRequest, signal: AbortSignal): AsyncIterable<OperationEvent>;
+  listTaskRuns(request: ListTaskRunsRequest): Promise<ListTaskRunsResponse>;
+  getTaskRun(id: string): Promise<TaskRun>;
+  cancelTaskRun(id: string): Promise<TaskRun>;
+  createAgentService(request: CreateAgentServiceRequest): Promise<AgentService>;
+}
+
 /** The calls piccoloctl makes. */
 export interface PiccoloApi {
   /** "grpc" or "rest". */
@@ -93,6 +111,8 @@ export interface PiccoloApi {
   cancelOperation(id: string): Promise<Operation>;
   /** ContainerService. */
   readonly containers: ContainersApi;
+  /** TaskService. */
+  readonly tasks: TasksApi;
   /** Releases the connection. */
   close(): void;
 }
@@ -172,6 +192,13 @@ export function connectApi(options: ApiOptions): PiccoloApi {
         buildImage: (r, signal) => c.containers.buildImage(r, { signal: withDeadline(signal, streamMs) }),
         removeImage: (r) => c.containers.removeImage(r, unary()),
       },
+      tasks: {
+        createTaskRun: (r, signal) => c.tasks.createTaskRun(r, { signal: withDeadline(signal, streamMs) }),
+        listTaskRuns: (r) => c.tasks.listTaskRuns(r, unary()),
+        getTaskRun: (id) => c.tasks.getTaskRun({ id }, unary()),
+        cancelTaskRun: (id) => c.tasks.cancelTaskRun({ id }, unary()),
+        createAgentService: (r) => c.tasks.createAgentService(r, unary()),
+      },
       close: () => undefined,
     };
   }
@@ -202,6 +229,13 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       importImage: (r, signal) => c.containers.importImage(r, { signal, timeoutMs: streamMs }),
       buildImage: (r, signal) => c.containers.buildImage(r, { signal, timeoutMs: streamMs }),
       removeImage: (r) => c.containers.removeImage(r),
+    },
+    tasks: {
+      createTaskRun: (r, signal) => c.tasks.createTaskRun(r, { signal, timeoutMs: streamMs }),
+      listTaskRuns: (r) => c.tasks.listTaskRuns(r),
+      getTaskRun: (id) => c.tasks.getTaskRun({ id }),
+      cancelTaskRun: (id) => c.tasks.cancelTaskRun({ id }),
+      createAgentService: (r) => c.tasks.createAgentService(r),
     },
     close: () => c.close(),
   };

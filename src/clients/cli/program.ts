@@ -1,7 +1,7 @@
 /**
  * piccoloctl's command line on commander: version, health, diagnostics, ops list/get/watch/cancel,
  * containers ls/get/create/run/start/stop/restart/rm/logs/stats/events and images
- * ls/pull/import/build/rm,
+ * ls/pull/import/build/rm, tasks run/list/get/cancel and tasks service create,
  * with the global --endpoint, --token, --output and --timeout options. runCli() parses a command
  * line, runs it and returns the exit code, so it can be driven without a process. The commands
  * themselves (commands.ts) are loaded only when one runs.
@@ -134,6 +134,7 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
     .action((id: string, _o, cmd: Command) => run(cmd, (m, c) => m.opsCancelCommand(c, id)));
 
   addContainerCommands(program, run);
+  addTaskCommands(program, run);
   addTrustCommands(program, run);
 
   return program;
@@ -310,4 +311,68 @@ export async function runCli(args: readonly string[], io: CliIo): Promise<number
     io.stderr.write(`piccoloctl: ${d.text}\n`);
     return d.exitCode;
   }
+}
+
+/** The agent profile flags of `tasks run` and `tasks service create`. */
+function profileOptions(cmd: Command): Command {
+  return cmd
+    .option("--image <image>", "agent image (already on the host: images import/build)")
+    .option("--command <template>", 'agent command template; "{prompt}" is replaced, e.g. \'agent exec "{prompt}"\'')
+    .option("--secret <name>", "sealed secret the agent gets as the file <secret-mount-path>/<name> (repeatable)", collect)
+    .option("--cpus <n>", "CPU limit in CPUs, e.g. 1.5")
+    .option("--memory <size>", "memory limit: bytes or a number with k, m or g, e.g. 512m")
+    .option("--mount-path <path>", "where the repository appears in the container (default /workspace)")
+    .option("--secret-mount-path <path>", "where the secret files appear (default /run/secrets)")
+    .option("--network <network>", 'container network: "none" (default), "host", "bridge" or a network name')
+    .option("--timeout <seconds>", "seconds an agent may run (default 3600)", intOption("--timeout", 1, 604_800))
+    .option("--grace <seconds>", "seconds between stop signal and kill (default 10)", intOption("--grace", 1, 3600));
+}
+
+/** `tasks …`. */
+function addTaskCommands(program: Command, run: Run): void {
+  const tasks = program.command("tasks").description("run coding agents on a git repository, one container and branch per task");
+  profileOptions(
+    tasks
+      .command("run")
+      .description("plan a request into tasks and run an agent per task, merging each task branch into a service branch")
+      .option("--repo <path>", "the git working tree on the daemon's host (below a container data root)")
+      .option("--base <branch>", "branch to start from (default: the one checked out)")
+      .option("--request <text>", "the request: one task per line or Markdown bullet (built-in planner)")
+      .option("--request-file <file>", 'read the request from a file ("-" for stdin)')
+      .option("--prompt <template>", 'prompt template with "{task}" (built-in planner; default "{task}")')
+      .option("--service-branch <branch>", "branch the tasks are merged into (default piccolo/<run id>)")
+      .option("--planner-url <url>", "OpenAI-compatible API base URL for the model planner, e.g. https://host/v1")
+      .option("--planner-model <model>", "model for the model planner")
+      .option("--planner-secret <name>", "sealed secret holding the planner's API key")
+      .option("--detach", "print the run id once it has started and exit; it keeps running"),
+  ).action((opts: import("./tasks.js").ProfileOptions & { repo?: string }, cmd: Command) => run(cmd, (m, c) => m.tasksRunCommand(c, opts), true));
+
+  tasks
+    .command("list")
+    .description("list task runs, newest first")
+    .option("--limit <n>", "at most this many runs (default 100)", intOption("--limit", 1, 1000))
+    .action((opts: { limit?: number }, cmd: Command) => run(cmd, (m, c) => m.tasksListCommand(c, opts)));
+
+  tasks
+    .command("get")
+    .description("show a task run: its branches and each task's status, commit, merge and log tail")
+    .argument("<id>", "task run id")
+    .action((id: string, _o, cmd: Command) => run(cmd, (m, c) => m.tasksGetCommand(c, id)));
+
+  tasks
+    .command("cancel")
+    .description("stop a running task run; its agent gets the grace period and the branches made so far stay")
+    .argument("<id>", "task run id")
+    .action((id: string, _o, cmd: Command) => run(cmd, (m, c) => m.tasksCancelCommand(c, id)));
+
+  const service = tasks.command("service").description("long-running agent services (systemd units)");
+  profileOptions(
+    service
+      .command("create")
+      .description("write (or replace) piccolo-agent-<name>.service and enable and start it")
+      .argument("<name>", "service name: lowercase letters, digits and -")
+      .option("--repo <path>", "repository to mount (below a container data root)")
+      .option("--prompt <text>", "the prompt the agent runs with")
+      .option("--write-only", "only write the unit; do not reload, enable or start it"),
+  ).action((name: string, opts: import("./tasks.js").ProfileOptions, cmd: Command) => run(cmd, (m, c) => m.tasksServiceCreateCommand(c, name, opts)));
 }

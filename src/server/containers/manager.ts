@@ -56,7 +56,11 @@ export interface ContainerManager {
   readonly policy: SpecPolicy;
   list(includeUnmanaged: boolean, signal: AbortSignal): Promise<Container[]>;
   get(name: string, signal: AbortSignal): Promise<Container>;
-  create(spec: ContainerSpec | undefined, signal: AbortSignal): Promise<Container>;
+  /**
+   * Creates a container. `options.extraDataRoots` lets an in-process caller (the task runner)
+   * bind-mount folders of its own beyond the configured data roots; no RPC can pass it.
+   */
+  create(spec: ContainerSpec | undefined, signal: AbortSignal, options?: { readonly extraDataRoots?: readonly string[] }): Promise<Container>;
   start(name: string, signal: AbortSignal): Promise<Container>;
   stop(name: string, graceSeconds: number, signal: AbortSignal): Promise<Container>;
   restart(name: string, graceSeconds: number, signal: AbortSignal): Promise<Container>;
@@ -261,8 +265,9 @@ export function createContainerManager(deps: ContainerManagerDeps): ContainerMan
       return containerFromInspect(await inspect(name, signal));
     },
 
-    async create(spec, signal) {
-      const checked = await checkSpec(spec, "spec", policy);
+    async create(spec, signal, options) {
+      const extra = options?.extraDataRoots ?? [];
+      const checked = await checkSpec(spec, "spec", extra.length > 0 ? { ...policy, dataRoots: [...policy.dataRoots, ...extra] } : policy);
       return lock(checked.name, async () => {
         const id = await createChecked(checked, signal);
         log.info({ container: checked.name, id: id.slice(0, 12), image: checked.image }, "container created");
