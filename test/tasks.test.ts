@@ -467,7 +467,7 @@ describe("agent services", () => {
     const text = await readFile(join(unitDir(), svc.unit), "utf8");
     expect(text).toBe(svc.unitText);
     for (const line of ["DynamicUser=yes", "PrivateUsers=yes", "PrivateNetwork=yes", "DeviceAllow=", "DevicePolicy=closed"]) expect(text.split("\n")).toContain(line);
-    expect(text).toContain(`LoadCredentialEncrypted=piccolod_openai_key:${join(d.stateDir, "credstore", "openai_key")}`);
+    expect(text).toContain(`LoadCredentialEncrypted=piccolod_openai_key:${join(d.stateDir, "secrets", "openai_key")}`);
     expect(text).toContain("source=%d/piccolod_openai_key,target=/run/secrets/openai_key,readonly");
     expect(text).toContain('"Keep the docs tidy. 100%% of them."');
     expect(text).not.toContain(SECRET);

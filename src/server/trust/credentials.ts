@@ -12,6 +12,9 @@ import { spawn } from "node:child_process";
 import { mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { PiccoloError, invalidArgument, notFound } from "../errors.js";
+import { flushTpmContexts, withTpm } from "./tpm-lock.js";
+
+export { flushTpmContexts, withTpm };
 
 /** Which key a secret is sealed with. */
 export type SealKey = "tpm2" | "host";
@@ -74,22 +77,6 @@ function runCreds(bin: string, args: readonly string[], input: Buffer): Promise<
     child.stdin.on("error", () => undefined);
     child.stdin.end(input);
   });
-}
-
-/**
- * A TCTI that talks to a TPM without a resource manager (swtpm, mssim) keeps the sessions and
- * transient objects a finished client left behind, and the TPM soon runs out of slots; the kernel's
- * /dev/tpmrm0 flushes them itself. After each use of such a TPM, flush what is left.
- */
-export async function flushTpmContexts(tpm2Device: string): Promise<void> {
-  if (tpm2Device === "auto" || tpm2Device.startsWith("/") || tpm2Device.startsWith("device:")) return;
-  for (const what of ["--transient-object", "--loaded-session", "--saved-session"]) {
-    await new Promise<void>((resolve) => {
-      const child = spawn("tpm2_flushcontext", [`--tcti=${tpm2Device}`, what], { stdio: "ignore" });
-      child.on("error", () => resolve());
-      child.on("close", () => resolve());
-    });
-  }
 }
 
 /** systemd-creds exited non-zero; `stderr` is its explanation (it never contains the value). */
@@ -163,15 +150,13 @@ export class CredentialStore {
     args.push("-", "-");
     let sealed: Buffer;
     try {
-      sealed = await runCreds(this.bin, args, value);
+      sealed = key === "tpm2" ? await withTpm(this.options.tpm2Device, () => runCreds(this.bin, args, value)) : await runCreds(this.bin, args, value);
     } catch (e) {
-      if (key === "tpm2") await flushTpmContexts(this.options.tpm2Device);
       if (e instanceof CredsFailure) {
         throw new PiccoloError("unavailable", `sealing ${name} with the ${key === "tpm2" ? `TPM (${this.options.tpm2Device})` : "host key"} failed: ${e.stderr || `exit ${e.code}`}`, { reason: "SEAL_FAILED" });
       }
       throw e;
     }
-    if (key === "tpm2") await flushTpmContexts(this.options.tpm2Device);
     const final = join(this.options.dir, name);
     // Temporary and metadata files live beside the folder, not in it: systemd loads every file in it.
     await mkdir(this.metaDir, { recursive: true, mode: 0o700 });
@@ -203,14 +188,12 @@ export class CredentialStore {
     if (meta?.sealedWith !== "host") args.push(`--tpm2-device=${this.options.tpm2Device}`);
     args.push("-", "-");
     try {
-      return await runCreds(this.bin, args, sealed);
+      return meta?.sealedWith === "host" ? await runCreds(this.bin, args, sealed) : await withTpm(this.options.tpm2Device, () => runCreds(this.bin, args, sealed));
     } catch (e) {
       if (e instanceof CredsFailure) {
         throw new PiccoloError("failed_precondition", `secret ${name} (${file}) could not be unsealed: ${e.stderr || `exit ${e.code}`}`, { reason: "UNSEAL_FAILED" });
       }
       throw e;
-    } finally {
-      if (meta?.sealedWith !== "host") await flushTpmContexts(this.options.tpm2Device);
     }
   }
 

@@ -11,7 +11,7 @@ import { mkdir, mkdtemp, readFile, rm, stat, writeFile, rename } from "node:fs/p
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PiccoloError, unavailable } from "../errors.js";
-import { flushTpmContexts } from "./credentials.js";
+import { flushTpmContexts, withTpm } from "./tpm-lock.js";
 
 /** The persistent handle piccolod keeps its attestation key at (owner range 0x81000000-0x817fffff). */
 export const AK_HANDLE = "0x81000ae0";
@@ -188,21 +188,17 @@ interface AkRecord {
 
 /** Creates the tpm2-tools adapter. */
 export function createTpm(options: TpmOptions): Tpm {
-  let chain: Promise<unknown> = Promise.resolve();
-  /** Runs `work` alone on the TPM, then flushes what it left on a raw TCTI. */
-  const exclusive = <T>(work: (tcti: string, dir: string) => Promise<T>): Promise<T> => {
-    const next = chain.then(async () => {
-      const tcti = await resolveTcti();
+  /** Runs `work` alone on the TPM (shared with every other TPM user in piccolod), then flushes what it left on a raw TCTI. */
+  const exclusive = async <T>(work: (tcti: string, dir: string) => Promise<T>): Promise<T> => {
+    const tcti = await resolveTcti();
+    return withTpm(tcti, async () => {
       const dir = await mkdtemp(join(tmpdir(), "piccolod-tpm-"));
       try {
         return await work(tcti, dir);
       } finally {
-        await flushTpmContexts(tcti);
         await rm(dir, { recursive: true, force: true });
       }
     });
-    chain = next.catch(() => undefined);
-    return next;
   };
 
   /** The TCTI for tpm2-tools, or UNAVAILABLE naming what was looked for. */
