@@ -7,6 +7,7 @@ import * as grpc from "@grpc/grpc-js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
+import { UpdateServiceService } from "../../gen/piccolo/update/v1/update.js";
 
 /** The shape of a ts-proto grpc-js service definition entry. */
 interface DefEntry {
@@ -124,6 +125,7 @@ export interface PiccoloGrpcClients {
   readonly system: PromiseClient<typeof SystemServiceService>;
   readonly operations: PromiseClient<typeof OperationsServiceService>;
   readonly containers: PromiseClient<typeof ContainerServiceService>;
+  readonly update: PromiseClient<typeof UpdateServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -138,6 +140,7 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     system: createPromiseClient(channel, SystemServiceService, options),
     operations: createPromiseClient(channel, OperationsServiceService, options),
     containers: createPromiseClient(channel, ContainerServiceService, options),
+    update: createPromiseClient(channel, UpdateServiceService, options),
     channel,
     close: () => channel.close(),
   };

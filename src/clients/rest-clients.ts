@@ -2,6 +2,7 @@
 import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
+import { UpdateServiceRestClient } from "../../gen/piccolo/update/v1/update_rest.js";
 import { createRestTransport, type RestTransportOptions } from "./rest-transport.js";
 
 /** The REST clients for every piccolod service. */
@@ -9,10 +10,11 @@ export interface PiccoloRestClients {
   readonly system: SystemServiceRestClient;
   readonly operations: OperationsServiceRestClient;
   readonly containers: ContainerServiceRestClient;
+  readonly update: UpdateServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
 export function createRestClients(options: RestTransportOptions): PiccoloRestClients {
   const t = createRestTransport(options);
-  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t) };
+  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t), update: new UpdateServiceRestClient(t) };
 }

@@ -8,6 +8,7 @@ import pino, { type Logger } from "pino";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
+import { UpdateServiceService } from "../../gen/piccolo/update/v1/update.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
 import { parseListen, type Config } from "./config.js";
 import { createDockerEngine } from "./containers/docker.js";
@@ -25,6 +26,8 @@ import { diagnosticsKind } from "./system/diagnostics.js";
 import { createHealthChecker, type HealthChecker } from "./system/health.js";
 import { createSystemService } from "./system/service.js";
 import { CredentialStore } from "./trust/credentials.js";
+import { createUpdateManager } from "./update/manager.js";
+import { createUpdateService } from "./update/service.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -123,13 +126,32 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   ops.register(pullKind(imageDeps));
   ops.register(importKind(imageDeps));
   ops.register(buildKind(imageDeps));
+  const update = createUpdateManager({
+    stateDir: config.stateDir,
+    systemBusAddress: config.systemBusAddress,
+    disk: config.updateDisk,
+    mountInfoFile: config.mountInfoFile,
+    kernelCmdlineFile: config.kernelCmdlineFile,
+    updateConfFile: config.updateConfFile,
+    osReleaseFiles: config.osReleaseFiles,
+    defaultServer: config.updateServer,
+    defaultChannel: config.updateChannel,
+    signingKeyFiles: config.updateSigningKeyFiles,
+    downloadRetries: config.updateDownloadRetries,
+    engineStallMs: config.updateEngineStallMs,
+    log: log.child({ area: "update" }),
+  });
+  ops.register(update.applyKind);
+  ops.register(update.rollbackKind);
   await ops.init();
+  await update.init();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   const registry = createMethodRegistry();
   registry.add(SystemServiceService, createSystemService({ health, ops, osReleaseFiles: config.osReleaseFiles }), "system");
   registry.add(OperationsServiceService, createOperationsService(ops), "operations");
   registry.add(ContainerServiceService, createContainerService({ containers, ops }), "containers");
+  registry.add(UpdateServiceService, createUpdateService({ update, ops }), "update");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);
