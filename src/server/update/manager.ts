@@ -367,6 +367,7 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
         if (done !== size) throw new PiccoloError("failed_precondition", `${payloadPath} changed size while it was read`);
       }
       // verify_checksum
+      if (manifest) report("verify_checksum", 0, "comparing the SHA-256 with the manifest's");
       const gotSha = sha256.digest("hex");
       if (expectedSha) {
         if (gotSha !== expectedSha) {
