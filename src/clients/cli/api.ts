@@ -41,6 +41,7 @@ import { createGrpcClients, grpcTarget } from "../grpc-client.js";
 import { createRestClients } from "../rest-clients.js";
 import type { OpenWatch } from "../watch.js";
 import { UsageError } from "./errors.js";
+import { grpcUpdateApi, restUpdateApi, type UpdateApi } from "./update-api.js";
 
 /** Default deadline of unary calls in ms. */
 export const DEFAULT_UNARY_TIMEOUT_MS = 30_000;
@@ -93,6 +94,8 @@ export interface PiccoloApi {
   cancelOperation(id: string): Promise<Operation>;
   /** ContainerService. */
   readonly containers: ContainersApi;
+  /** UpdateService. */
+  readonly update: UpdateApi;
   /** Releases the connection. */
   close(): void;
 }
@@ -172,6 +175,7 @@ export function connectApi(options: ApiOptions): PiccoloApi {
         buildImage: (r, signal) => c.containers.buildImage(r, { signal: withDeadline(signal, streamMs) }),
         removeImage: (r) => c.containers.removeImage(r, unary()),
       },
+      update: restUpdateApi(c, unary, (signal) => ({ signal: withDeadline(signal, streamMs) })),
       close: () => undefined,
     };
   }
@@ -203,6 +207,7 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       buildImage: (r, signal) => c.containers.buildImage(r, { signal, timeoutMs: streamMs }),
       removeImage: (r) => c.containers.removeImage(r),
     },
+    update: grpcUpdateApi(c, streamMs),
     close: () => c.close(),
   };
 }

@@ -25,6 +25,9 @@ export { connectApi };
 /** The `containers …` and `images …` commands (containers.ts). */
 export * from "./containers.js";
 
+/** The `update …` commands (update.ts). */
+export * from "./update.js";
+
 /** Parses an operation state: "running", "RUNNING" or "OPERATION_STATE_RUNNING"; UsageError otherwise. */
 export function parseOperationState(value: string): OperationState {
   const key = value.trim().toUpperCase().replace(/-/g, "_");
