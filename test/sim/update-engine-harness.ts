@@ -9,7 +9,7 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { tmpdir, userInfo } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { makeFlatcarDisk, writeCmdline, writeRelease, type FlatcarDisk } from "./update-engine-disk.js";
@@ -36,8 +36,8 @@ export async function startPrivateBus(dir: string): Promise<PrivateBus> {
   await mkdir(dir, { recursive: true });
   const socket = join(dir, "system_bus_socket");
   const config = join(dir, "bus.conf");
-  // Flatcar's policy for update_engine: root owns the name and may call it. Everyone may talk to
-  // the bus itself. Tests run as root.
+  // Flatcar's policy for update_engine: root owns the name and may call it; here the user running
+  // the harness stands for root (tests run as root; the demo may not). Everyone may talk to the bus.
   await writeFile(
     config,
     `<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -51,7 +51,7 @@ export async function startPrivateBus(dir: string): Promise<PrivateBus> {
     <allow send_destination="org.freedesktop.DBus"/>
     <allow receive_sender="*"/>
   </policy>
-  <policy user="root">
+  <policy user="${userInfo().username}">
     <allow own="*"/>
     <allow send_destination="*"/>
   </policy>

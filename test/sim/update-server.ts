@@ -18,6 +18,7 @@ import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import { promisify } from "node:util";
 import { gzip } from "node:zlib";
 
@@ -226,4 +227,33 @@ export async function startUpdateServer(releases: Release[] = []): Promise<Updat
         server.close(() => r());
       }),
   };
+}
+
+async function main(): Promise<void> {
+  const argv = process.argv.slice(2);
+  const flag = (name: string, dflt: string): string => {
+    const i = argv.indexOf(name);
+    return i >= 0 && argv[i + 1] !== undefined ? argv[i + 1]! : dflt;
+  };
+  const dir = flag("--dir", "");
+  if (!dir) throw new Error("usage: update-server.js --dir DIR [--version V] [--mib N]");
+  await mkdir(dir, { recursive: true });
+  const key = await makeSigningKey("Piccolo Demo Signing");
+  const release = await makeRelease(join(dir, "releases"), key, flag("--version", "1.1.0"), Number(flag("--mib", "64")) * 1024 * 1024);
+  const server = await startUpdateServer([release]);
+  const keyFile = join(dir, "signing-key.asc");
+  await writeFile(keyFile, key.publicKey);
+  process.stdout.write(JSON.stringify({ url: server.url, keyFile, version: release.version, payload: release.payload, signature: release.signature }) + "\n");
+  const stop = (): void => {
+    void Promise.all([server.close(), key.cleanup()]).then(() => process.exit(0));
+  };
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  main().catch((e: unknown) => {
+    process.stderr.write(`update-server: ${(e as Error).message}\n`);
+    process.exit(1);
+  });
 }

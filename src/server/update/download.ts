@@ -135,6 +135,19 @@ async function attempt(o: DownloadOptions, fh: import("node:fs/promises").FileHa
       }
     }
     if (!res.body) throw new Retryable("the answer has no body");
+    // Network chunks are small; write and tap them in batches of about 1 MiB, the file write and
+    // the taps (hashes, gpgv) side by side.
+    let batch: Buffer[] = [];
+    let batched = 0;
+    const flush = async (): Promise<void> => {
+      if (batched === 0) return;
+      const buf = batch.length === 1 ? batch[0]! : Buffer.concat(batch, batched);
+      batch = [];
+      batched = 0;
+      await Promise.all([fh.write(buf, 0, buf.length, st.have), o.tap(buf)]);
+      st.have += buf.length;
+      o.progress(st.have, o.size);
+    };
     try {
       for await (const raw of res.body as unknown as AsyncIterable<Uint8Array>) {
         arm();
@@ -145,15 +158,17 @@ async function attempt(o: DownloadOptions, fh: import("node:fs/promises").FileHa
           chunk = chunk.subarray(n);
           if (chunk.length === 0) continue;
         }
-        if (st.have + chunk.length > o.size) {
+        if (st.have + batched + chunk.length > o.size) {
           throw new PiccoloError("failed_precondition", `the server sent more than the manifest's ${o.size} bytes; the payload does not match its manifest`);
         }
-        await fh.write(chunk, 0, chunk.length, st.have);
-        await o.tap(chunk);
-        st.have += chunk.length;
-        o.progress(st.have, o.size);
+        batch.push(chunk);
+        batched += chunk.length;
+        if (batched >= 1 << 20) await flush();
       }
+      await flush();
     } catch (e) {
+      // Keep what arrived before the break: it was received whole.
+      if (!(e instanceof PiccoloError)) await flush().catch(() => undefined);
       if (e instanceof PiccoloError) throw e;
       if (o.signal.aborted) throw o.signal.reason;
       if (ac.signal.aborted && ac.signal.reason instanceof Retryable) throw ac.signal.reason;

@@ -457,7 +457,9 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
       let gone = "";
       let changed = Date.now();
       const seen = new Set<string>();
+      let signals = 0;
       const onStatus = (s: EngineState): void => {
+        signals++;
         if (s.currentOperation !== latest.currentOperation || s.progress !== latest.progress) changed = Date.now();
         latest = s;
         seen.add(s.currentOperation);
@@ -476,10 +478,9 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
         wake?.();
       });
       await conf.pointAt(responder.url);
-      report("handoff", 0.6, `SERVER=${responder.url} in ${deps.updateConfFile}; calling AttemptUpdate`);
+      report("handoff", 1, `SERVER=${responder.url} in ${deps.updateConfFile}; calling AttemptUpdate`);
       ctx.signal.throwIfAborted();
       await engine.attemptUpdate();
-      report("handoff", 1, "update_engine accepted AttemptUpdate");
       const errorReason = (): string => {
         const ev = events.find((e) => e.errorCode !== undefined && e.result === 0);
         return ev ? `${ACTION_CODES[ev.errorCode!] ?? "error"} (code ${ev.errorCode})` : "no reason given";
@@ -506,8 +507,10 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
         wake = undefined;
         if (!gone && latest.currentOperation !== EngineOp.NEED_REBOOT) {
           try {
+            const before = signals;
             const polled = await engine.getStatus();
-            if (polled.currentOperation !== latest.currentOperation) onStatus(polled);
+            // A signal that came in while the call was out is newer than its answer.
+            if (signals === before && polled.currentOperation !== latest.currentOperation) onStatus(polled);
           } catch (e) {
             if (e instanceof PiccoloError && e.kind === "unavailable") gone = "update_engine (com.coreos.update1) stopped answering";
           }
