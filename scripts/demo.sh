@@ -41,9 +41,9 @@ fi
 if [ "${PICCOLO_DEMO_UPDATE:-1}" = 1 ] && command -v dbus-daemon >/dev/null && command -v cgpt >/dev/null &&
   command -v sgdisk >/dev/null && command -v gpg >/dev/null && command -v gpgv >/dev/null; then
   rm -f "$demo/update-rig.json" "$demo/update-server.json"
-  node dist/test/sim/update-engine-harness.js --dir "$demo/update-rig" >"$demo/update-rig.json" 2>>"$demo/update.log" &
+  node dist/test/sim/update-engine-harness.js --dir "$demo/update-rig" --usr-mib 64 >"$demo/update-rig.json" 2>>"$demo/update.log" &
   update_pids+=($!)
-  node dist/test/sim/update-server.js --dir "$demo/update-server" --mib 64 >"$demo/update-server.json" 2>>"$demo/update.log" &
+  node dist/test/sim/update-server.js --dir "$demo/update-server" --mib 48 >"$demo/update-server.json" 2>>"$demo/update.log" &
   update_pids+=($!)
   for _ in $(seq 1 600); do [ -s "$demo/update-rig.json" ] && [ -s "$demo/update-server.json" ] && break; sleep 0.1; done
   # shellcheck disable=SC2016 # JavaScript, not shell
@@ -75,6 +75,7 @@ for _ in $(seq 1 100); do
   if ! kill -0 $pid 2>/dev/null; then
     echo "piccolod did not start; its log ($demo/piccolod.log) ends with:" >&2
     tail -5 "$demo/piccolod.log" >&2
+    for p in "${update_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     exit 1
   fi
   sleep 0.1
