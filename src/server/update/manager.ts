@@ -486,7 +486,15 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
         return ev ? `${ACTION_CODES[ev.errorCode!] ?? "error"} (code ${ev.errorCode})` : "no reason given";
       };
       // Follow it: signals, and GetStatus every second in case a signal is missed.
+      const onAbort = (): void => wake?.();
+      ctx.signal.addEventListener("abort", onAbort, { once: true });
       for (;;) {
+        if (ctx.signal.aborted) {
+          throw new PiccoloError(
+            "cancelled",
+            `stopped following update_engine at ${latest.currentOperation}; it has no way to be stopped over D-Bus and may still finish the update (see piccoloctl update status, and roll back if needed)`,
+          );
+        }
         if (gone) throw new PiccoloError("unavailable", `${gone} while it was at ${latest.currentOperation}; the update did not finish and ${target.label} is not marked to boot`, { reason: "HOST_PART_UNAVAILABLE" });
         if (latest.currentOperation === EngineOp.NEED_REBOOT) break;
         if (latest.currentOperation === EngineOp.ERROR_EVENT || (latest.currentOperation === EngineOp.IDLE && seen.size > 0 && [...seen].some((s) => s !== EngineOp.IDLE))) {
