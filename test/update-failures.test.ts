@@ -138,6 +138,23 @@ describe("update_engine failing or going away", () => {
     expect(await readFile(w.rig.updateConf, "utf8")).toBe(ORIGINAL_UPDATE_CONF);
   });
 
+  test("cancelled while update_engine downloads: CANCELLED saying update_engine may finish, update.conf restored at once", async () => {
+    await w.rig.restartSim({ rate: 1024 * 1024 });
+    const events: OperationEvent[] = [];
+    const done = (async () => {
+      for await (const e of w.d.grpcUnix().update.applyUpdate(ApplyUpdateRequest.fromPartial({ version: "1.1.0" }))) events.push(e);
+    })();
+    await until(() => events.some((e) => e.progress?.phase === "downloading"), "update_engine to download");
+    await w.d.grpcUnix().operations.cancelOperation({ id: events[0]!.operationId });
+    await done;
+    expect(outcome(events).state).toBe("OPERATION_STATE_CANCELLED");
+    expect(outcome(events).message).toMatch(/stopped following update_engine at UPDATE_STATUS_DOWNLOADING; .* may still finish the update/);
+    expect(await readFile(w.rig.updateConf, "utf8")).toBe(ORIGINAL_UPDATE_CONF);
+    // Let the simulator finish (it was told nothing), then put things back for the next test.
+    await until(async () => (await w.d.grpcUnix().update.getUpdateStatus({})).engine?.currentOperation !== "UPDATE_STATUS_DOWNLOADING", "update_engine to finish");
+    await drain(w.d.grpcUnix().update.rollbackUpdate({ force: false, reboot: false })).catch(() => undefined);
+  });
+
   test("piccolod killed mid-update: INTERRUPTED at the next start, update.conf restored then", async () => {
     await w.rig.restartSim({ rate: 1024 * 1024 });
     const events: OperationEvent[] = [];

@@ -1823,7 +1823,9 @@ export const UpdateServiceService = {
    * then update_engine's checking, downloading, verifying, finalizing, and reboot_required (and
    * reboot when asked). The result is an ApplyUpdateResult. update.conf is restored on every path,
    * or at the next start after a crash. It holds the exclusive lock; a second one is
-   * FAILED_PRECONDITION naming the running operation. Cancellable until the hand-off.
+   * FAILED_PRECONDITION naming the running operation. Cancellable: before the hand-off nothing on
+   * the host has changed; after it piccolod stops following update_engine and restores update.conf,
+   * and update_engine (which has no way to be stopped over D-Bus) may still finish.
    */
   applyUpdate: {
     path: "/piccolo.update.v1.UpdateService/ApplyUpdate" as const,
@@ -1899,7 +1901,9 @@ export interface UpdateServiceServer extends UntypedServiceImplementation {
    * then update_engine's checking, downloading, verifying, finalizing, and reboot_required (and
    * reboot when asked). The result is an ApplyUpdateResult. update.conf is restored on every path,
    * or at the next start after a crash. It holds the exclusive lock; a second one is
-   * FAILED_PRECONDITION naming the running operation. Cancellable until the hand-off.
+   * FAILED_PRECONDITION naming the running operation. Cancellable: before the hand-off nothing on
+   * the host has changed; after it piccolod stops following update_engine and restores update.conf,
+   * and update_engine (which has no way to be stopped over D-Bus) may still finish.
    */
   applyUpdate: handleServerStreamingCall<ApplyUpdateRequest, OperationEvent>;
   /**
@@ -1969,7 +1973,9 @@ export interface UpdateServiceClient extends Client {
    * then update_engine's checking, downloading, verifying, finalizing, and reboot_required (and
    * reboot when asked). The result is an ApplyUpdateResult. update.conf is restored on every path,
    * or at the next start after a crash. It holds the exclusive lock; a second one is
-   * FAILED_PRECONDITION naming the running operation. Cancellable until the hand-off.
+   * FAILED_PRECONDITION naming the running operation. Cancellable: before the hand-off nothing on
+   * the host has changed; after it piccolod stops following update_engine and restores update.conf,
+   * and update_engine (which has no way to be stopped over D-Bus) may still finish.
    */
   applyUpdate(request: ApplyUpdateRequest, options?: Partial<CallOptions>): ClientReadableStream<OperationEvent>;
   applyUpdate(

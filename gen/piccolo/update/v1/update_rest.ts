@@ -102,7 +102,9 @@ export class UpdateServiceRestClient {
    * then update_engine's checking, downloading, verifying, finalizing, and reboot_required (and
    * reboot when asked). The result is an ApplyUpdateResult. update.conf is restored on every path,
    * or at the next start after a crash. It holds the exclusive lock; a second one is
-   * FAILED_PRECONDITION naming the running operation. Cancellable until the hand-off.
+   * FAILED_PRECONDITION naming the running operation. Cancellable: before the hand-off nothing on
+   * the host has changed; after it piccolod stops following update_engine and restores update.conf,
+   * and update_engine (which has no way to be stopped over D-Bus) may still finish.
    */
   applyUpdate(request: DeepPartial_piccolo_update_v1_update<ApplyUpdateRequest> = {}, options?: RestCallOptions): AsyncIterable<OperationEvent> {
     return this.transport.serverStream(UpdateServiceRestMethods.applyUpdate, ApplyUpdateRequest.fromPartial(request), options);
