@@ -3,8 +3,9 @@
 //
 // A single executable can only require Node's built-in modules. dockerode's SSH transport
 // (ssh2) tries optional native helpers (cpu-features, *.node) inside try/catch; they are
-// replaced here by modules that throw, so ssh2 falls back to pure JavaScript silently. dbus-next
-// requires the optional "x11" package only to find an X11 session bus, which a server never has.
+// replaced here by modules that throw, so ssh2 falls back to pure JavaScript silently. dbus-next's
+// optional x11 (session bus from $DISPLAY) and usocket (abstract sockets) are left out the same
+// way: piccolod only connects to unix:path= addresses.
 import { build } from "esbuild";
 
 const [outfile, buildInfo] = process.argv.slice(2);
@@ -16,7 +17,7 @@ if (!outfile || !buildInfo) {
 const leaveOutNative = {
   name: "leave-out-native",
   setup(b) {
-    b.onResolve({ filter: /(^cpu-features$)|(^x11$)|(\.node$)/ }, (args) => ({ path: args.path, namespace: "native-left-out" }));
+    b.onResolve({ filter: /(^cpu-features$)|(^x11$)|(^usocket$)|(\.node$)/ }, (args) => ({ path: args.path, namespace: "native-left-out" }));
     b.onLoad({ filter: /.*/, namespace: "native-left-out" }, (args) => ({
       contents: `throw new Error(${JSON.stringify(`${args.path} is left out of the single executable`)});`,
       loader: "js",

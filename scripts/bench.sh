@@ -25,6 +25,10 @@ echo "==> containers (bench/containers.ts; a private dockerd)"
 ensure_debian_packages "dockerd:docker.io" "busybox:busybox-static"
 node dist/bench/containers.js
 echo
+echo "==> OS update (bench/update.ts; update_engine simulator on a private bus, RAUC as a reference)"
+ensure_debian_packages "dbus-daemon:dbus" "cgpt:cgpt" "sgdisk:gdisk" "gpg:gnupg" "curl:curl" "rauc:rauc"
+node dist/bench/update.js
+echo
 echo "==> single executable (bench/sea.ts; flatcar/build.sh)"
 [ -x flatcar/out/piccolod ] || bash flatcar/build.sh >&2
 node dist/bench/sea.js

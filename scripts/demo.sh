@@ -30,15 +30,41 @@ if [ "${PICCOLO_DEMO_DOCKERD:-}" = 1 ]; then
 fi
 mkdir -p "$demo/data"
 
+# OS updates (docs/update-engine.md): the update_engine simulator on a private dbus-daemon, a
+# Flatcar-like disk image with USR-A/USR-B, and a reference update server offering a signed demo
+# release. Needs dbus, cgpt, gdisk and gnupg; PICCOLO_DEMO_UPDATE=0 leaves it out.
+update_args=()
+update_pids=()
+if [ "${PICCOLO_DEMO_UPDATE:-1}" = 1 ]; then
+  ensure_debian_packages "dbus-daemon:dbus" "cgpt:cgpt" "sgdisk:gdisk" "gpg:gnupg" "gpgv:gpgv" || true
+fi
+if [ "${PICCOLO_DEMO_UPDATE:-1}" = 1 ] && command -v dbus-daemon >/dev/null && command -v cgpt >/dev/null &&
+  command -v sgdisk >/dev/null && command -v gpg >/dev/null && command -v gpgv >/dev/null; then
+  rm -f "$demo/update-rig.json" "$demo/update-server.json"
+  node dist/test/sim/update-engine-harness.js --dir "$demo/update-rig" --usr-mib 64 >"$demo/update-rig.json" 2>>"$demo/update.log" &
+  update_pids+=($!)
+  node dist/test/sim/update-server.js --dir "$demo/update-server" --mib 48 >"$demo/update-server.json" 2>>"$demo/update.log" &
+  update_pids+=($!)
+  for _ in $(seq 1 600); do [ -s "$demo/update-rig.json" ] && [ -s "$demo/update-server.json" ] && break; sleep 0.1; done
+  # shellcheck disable=SC2016 # JavaScript, not shell
+  mapfile -t update_args < <(node -e '
+    const fs = require("fs");
+    const rig = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
+    const srv = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+    for (const a of [...rig.daemonArgs, "--update-server", srv.url, "--update-signing-key-files", srv.keyFile]) console.log(a);
+  ' "$demo/update-rig.json" "$demo/update-server.json" 2>>"$demo/update.log" || true)
+fi
+
 node dist/src/server/main.js \
   --state-dir "$demo/state" --runtime-dir "$demo/run" \
   --grpc-listen "$grpc_listen" --rest-listen "$rest_listen" \
-  --docker-socket "$docker_socket" --container-data-roots "$demo/data" >>"$demo/piccolod.log" 2>&1 &
+  --docker-socket "$docker_socket" --container-data-roots "$demo/data" "${update_args[@]}" >>"$demo/piccolod.log" 2>&1 &
 pid=$!
 stop() {
   kill -TERM "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   if [ -n "$dockerd_pid" ]; then kill -TERM "$dockerd_pid" 2>/dev/null || true; wait "$dockerd_pid" 2>/dev/null || true; fi
+  for p in "${update_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   echo
   echo "piccolod stopped"
 }
@@ -49,6 +75,7 @@ for _ in $(seq 1 100); do
   if ! kill -0 $pid 2>/dev/null; then
     echo "piccolod did not start; its log ($demo/piccolod.log) ends with:" >&2
     tail -5 "$demo/piccolod.log" >&2
+    for p in "${update_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     exit 1
   fi
   sleep 0.1
@@ -71,6 +98,10 @@ Try, in another terminal:
   piccoloctl diagnostics
   piccoloctl ops list
   piccoloctl containers ls -a
+$( [ ${#update_args[@]} -gt 0 ] && printf '%s\n' \
+  "  piccoloctl update status          # A/B slots and their GPT flags (a disk image in $demo/update-rig)" \
+  "  piccoloctl update apply           # download, verify and install 1.1.0 through the update_engine simulator" \
+  "  piccoloctl update rollback        # make the other slot the next boot again" || echo "  (OS updates off: needs dbus, cgpt, gdisk and gnupg; see $demo/update.log)")
   curl -s http://$rest_listen/api/v1/version
   curl -sN -X POST http://$rest_listen/api/v1/diagnostics -d '{"writeProbeMib": 256}'
 

@@ -28,10 +28,18 @@ beforeAll(async () => {
   // Warnings and errors only, and a short operation history: the fuzz makes 140,000 calls and
   // starts hundreds of operations, and neither a debug line per call nor 50-operation pages are
   // what it is about (errors are still logged, and checked below).
-  // The Docker socket is one that cannot exist: random input must never reach a real engine.
+  // Every host part is one that cannot exist or a folder of its own: random input must never
+  // reach a real engine, bus (a valid random Reboot would reboot the host), disk or server.
   noDockerDir = await mkdtemp(join(tmpdir(), "piccolod-no-docker-"));
+  const sandbox = (name: string): string => join(noDockerDir, name);
   d = await startTestDaemon({
-    extraArgs: ["--log-level", "warn", "--operation-retention", "10", "--docker-socket", join(noDockerDir, "docker.sock")],
+    extraArgs: [
+      ...["--log-level", "warn", "--operation-retention", "10", "--docker-socket", sandbox("docker.sock")],
+      ...["--system-bus-address", `unix:path=${sandbox("no-system-bus")}`, "--update-server", "http://127.0.0.1:9"],
+      ...["--update-conf-file", sandbox("update.conf"), "--update-disk", sandbox("no-disk.img")],
+      ...["--agent-unit-dir", sandbox("units"), "--tasks-secrets-dir", sandbox("task-secrets")],
+      ...["--tpm-devices", sandbox("no-tpm"), "--central-url", ""],
+    ],
   });
   served = new Set(await listServedServices());
 });

@@ -9,6 +9,7 @@ import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operat
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
 import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
+import { UpdateServiceService } from "../../gen/piccolo/update/v1/update.js";
 
 /** The shape of a ts-proto grpc-js service definition entry. */
 interface DefEntry {
@@ -128,6 +129,7 @@ export interface PiccoloGrpcClients {
   readonly containers: PromiseClient<typeof ContainerServiceService>;
   readonly tasks: PromiseClient<typeof TaskServiceService>;
   readonly trust: PromiseClient<typeof TrustServiceService>;
+  readonly update: PromiseClient<typeof UpdateServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -144,6 +146,7 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     containers: createPromiseClient(channel, ContainerServiceService, options),
     tasks: createPromiseClient(channel, TaskServiceService, options),
     trust: createPromiseClient(channel, TrustServiceService, options),
+    update: createPromiseClient(channel, UpdateServiceService, options),
     channel,
     close: () => channel.close(),
   };

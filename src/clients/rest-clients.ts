@@ -4,6 +4,7 @@ import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/ope
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
 import { TaskServiceRestClient } from "../../gen/piccolo/tasks/v1/tasks_rest.js";
 import { TrustServiceRestClient } from "../../gen/piccolo/trust/v1/trust_rest.js";
+import { UpdateServiceRestClient } from "../../gen/piccolo/update/v1/update_rest.js";
 import { createRestTransport, type RestTransportOptions } from "./rest-transport.js";
 
 /** The REST clients for every piccolod service. */
@@ -13,6 +14,7 @@ export interface PiccoloRestClients {
   readonly containers: ContainerServiceRestClient;
   readonly tasks: TaskServiceRestClient;
   readonly trust: TrustServiceRestClient;
+  readonly update: UpdateServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
@@ -24,5 +26,6 @@ export function createRestClients(options: RestTransportOptions): PiccoloRestCli
     containers: new ContainerServiceRestClient(t),
     tasks: new TaskServiceRestClient(t),
     trust: new TrustServiceRestClient(t),
+    update: new UpdateServiceRestClient(t),
   };
 }

@@ -77,6 +77,22 @@ export const ConfigSchema = z
     trustRetryMinMs: z.number().int().min(100).max(86_400_000).default(5000),
     /** Largest retry delay of the background token refresh. */
     trustRetryMaxMs: z.number().int().min(100).max(86_400_000).default(600_000),
+    /** Base URL of the Piccolo update server (GET /api/v1/updates/check, /api/v1/images/download/…). */
+    updateServer: z.string().url().default("https://updates.piccolo.space"),
+    /** Update channel (group) asked for. */
+    updateChannel: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/).default("stable"),
+    /** Files holding the armored public keys that sign Piccolo update payloads. */
+    updateSigningKeyFiles: z.array(absPath).default(["/usr/share/piccolod/signing-keys.asc"]),
+    /** update_engine's configuration file, whose SERVER= piccolod points at itself during an update. */
+    updateConfFile: absPath.default("/etc/flatcar/update.conf"),
+    /** The boot disk with USR-A/USR-B; "" finds it from mountInfoFile. */
+    updateDisk: z.string().refine((s) => s === "" || isAbsolute(s), { message: 'expected an absolute path or ""' }).default(""),
+    /** The kernel command line, which names the booted USR partition. */
+    kernelCmdlineFile: absPath.default("/proc/cmdline"),
+    /** Download attempts after the first for an update payload. */
+    updateDownloadRetries: z.number().int().min(0).max(20).default(4),
+    /** How long update_engine may report no change before an update fails. */
+    updateEngineStallMs: z.number().int().min(1000).max(3_600_000).default(120_000),
   })
   .strict();
 

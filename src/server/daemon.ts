@@ -9,6 +9,7 @@ import { ContainerServiceService } from "../../gen/piccolo/containers/v1/contain
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
+import { UpdateServiceService } from "../../gen/piccolo/update/v1/update.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
 import { parseListen, type Config } from "./config.js";
 import { createDockerEngine } from "./containers/docker.js";
@@ -34,6 +35,8 @@ import { createTrustManager, type TrustManager } from "./trust/manager.js";
 import { createTrustService } from "./trust/service.js";
 import { createTpm } from "./trust/tpm.js";
 import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
+import { createUpdateManager } from "./update/manager.js";
+import { createUpdateService } from "./update/service.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -154,8 +157,28 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   };
   const taskRunner = createTaskRunner(taskRunnerDeps);
   ops.register(taskRunner.kind);
+  const update = createUpdateManager({
+    stateDir: config.stateDir,
+    systemBusAddress: config.systemBusAddress,
+    disk: config.updateDisk,
+    mountInfoFile: config.mountInfoFile,
+    kernelCmdlineFile: config.kernelCmdlineFile,
+    updateConfFile: config.updateConfFile,
+    osReleaseFiles: config.osReleaseFiles,
+    defaultServer: config.updateServer,
+    defaultChannel: config.updateChannel,
+    signingKeyFiles: config.updateSigningKeyFiles,
+    downloadRetries: config.updateDownloadRetries,
+    engineStallMs: config.updateEngineStallMs,
+    // The device JWT from Piccolo central, sent as the bearer token to the update server.
+    deviceToken: () => trust.deviceToken(),
+    log: log.child({ area: "update" }),
+  });
+  ops.register(update.applyKind);
+  ops.register(update.rollbackKind);
   await ops.init();
   await trust.start();
+  await update.init();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   const registry = createMethodRegistry();
@@ -181,6 +204,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     "tasks",
   );
   registry.add(TrustServiceService, createTrustService({ trust, ops }), "trust");
+  registry.add(UpdateServiceService, createUpdateService({ update, ops }), "update");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);

@@ -49,6 +49,7 @@ import { createGrpcClients, grpcTarget } from "../grpc-client.js";
 import { createRestClients } from "../rest-clients.js";
 import type { OpenWatch } from "../watch.js";
 import { UsageError } from "./errors.js";
+import { grpcUpdateApi, restUpdateApi, type UpdateApi } from "./update-api.js";
 
 /** Default deadline of unary calls in ms. */
 export const DEFAULT_UNARY_TIMEOUT_MS = 30_000;
@@ -113,6 +114,8 @@ export interface PiccoloApi {
   readonly containers: ContainersApi;
   /** TaskService. */
   readonly tasks: TasksApi;
+  /** UpdateService. */
+  readonly update: UpdateApi;
   /** Releases the connection. */
   close(): void;
 }
@@ -199,6 +202,7 @@ export function connectApi(options: ApiOptions): PiccoloApi {
         cancelTaskRun: (id) => c.tasks.cancelTaskRun({ id }, unary()),
         createAgentService: (r) => c.tasks.createAgentService(r, unary()),
       },
+      update: restUpdateApi(c, unary, (signal) => ({ signal: withDeadline(signal, streamMs) })),
       close: () => undefined,
     };
   }
@@ -237,6 +241,7 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       cancelTaskRun: (id) => c.tasks.cancelTaskRun({ id }),
       createAgentService: (r) => c.tasks.createAgentService(r),
     },
+    update: grpcUpdateApi(c, streamMs),
     close: () => c.close(),
   };
 }

@@ -26,6 +26,9 @@ export { connectApi };
 export * from "./containers.js";
 export * from "./tasks.js";
 
+/** The `update …` commands (update.ts). */
+export * from "./update.js";
+
 /** Parses an operation state: "running", "RUNNING" or "OPERATION_STATE_RUNNING"; UsageError otherwise. */
 export function parseOperationState(value: string): OperationState {
   const key = value.trim().toUpperCase().replace(/-/g, "_");

@@ -1,7 +1,8 @@
 /**
  * piccoloctl's command line on commander: version, health, diagnostics, ops list/get/watch/cancel,
- * containers ls/get/create/run/start/stop/restart/rm/logs/stats/events and images
- * ls/pull/import/build/rm, tasks run/list/get/cancel and tasks service create,
+ * containers ls/get/create/run/start/stop/restart/rm/logs/stats/events, images
+ * ls/pull/import/build/rm, update status/check/apply/rollback/reboot/config, tasks
+ * run/list/get/cancel and tasks service create,
  * with the global --endpoint, --token, --output and --timeout options. runCli() parses a command
  * line, runs it and returns the exit code, so it can be driven without a process. The commands
  * themselves (commands.ts) are loaded only when one runs.
@@ -136,6 +137,7 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
   addContainerCommands(program, run);
   addTaskCommands(program, run);
   addTrustCommands(program, run);
+  addUpdateCommands(program, run);
 
   return program;
 }
@@ -295,6 +297,59 @@ function addContainerCommands(program: Command, run: Run): void {
     .argument("<reference>", "image reference or id")
     .option("-f, --force", "even when containers use it or it has several tags")
     .action((reference: string, opts: { force?: boolean }, cmd: Command) => run(cmd, (m, c) => m.imagesRemoveCommand(c, reference, opts)));
+}
+
+/** `update …`: A/B OS updates through update_engine. */
+function addUpdateCommands(program: Command, run: Run): void {
+  const upd = program.command("update").description("OS updates: A/B USR slots, update_engine, rollback and reboot");
+
+  upd
+    .command("status")
+    .description("show the booted slot and version, both slots' GPT flags, update_engine's status and the configuration")
+    .action((_o, cmd: Command) => run(cmd, (m, c) => m.updateStatusCommand(c)));
+
+  upd
+    .command("check")
+    .description("ask the update server for the newest version on the channel")
+    .option("--channel <channel>", "another channel than the configured one")
+    .action((opts: { channel?: string }, cmd: Command) => run(cmd, (m, c) => m.updateCheckCommand(c, opts)));
+
+  upd
+    .command("apply")
+    .description("download, verify and install an update into the other slot as an operation, with live progress")
+    .argument("[version]", 'version from the server (default "latest"), or the version of a local payload')
+    .option("--payload <file>", "install a payload file on the daemon's host instead (piccolo-os-update-<v>.raw.gz)")
+    .option("--signature <file>", "the payload's detached OpenPGP signature (.asc)")
+    .option("--sha256 <hex>", "expected SHA-256 of a local payload")
+    .option("--reboot", "reboot into the new version once it is installed")
+    .option("--reboot-delay <seconds>", "wait this long before that reboot (0-3600)", intOption("--reboot-delay", 0, 3600))
+    .option("--detach", "print the operation id once it has started and exit; it keeps running")
+    .action((version: string | undefined, opts: import("./update.js").ApplyOptions, cmd: Command) =>
+      run(cmd, (m, c) => m.updateApplyCommand(c, version, opts), true),
+    );
+
+  upd
+    .command("rollback")
+    .description("make the other slot the next boot (refused for a slot that never booted successfully, unless --force)")
+    .option("--force", "also when that slot has never booted successfully (it gets one try)")
+    .option("--reboot", "reboot at once afterwards")
+    .option("--detach", "print the operation id once it has started and exit")
+    .action((opts: { force?: boolean; reboot?: boolean; detach?: boolean }, cmd: Command) => run(cmd, (m, c) => m.updateRollbackCommand(c, opts), true));
+
+  upd
+    .command("reboot")
+    .description("reboot the host through systemd-logind, now or after a delay")
+    .argument("<reason>", "why; shown to logged-in users")
+    .option("--delay <seconds>", "wait this long first (0-86400)", intOption("--delay", 0, 86_400))
+    .action((reason: string, opts: { delay?: number }, cmd: Command) => run(cmd, (m, c) => m.updateRebootCommand(c, reason, opts)));
+
+  upd
+    .command("config")
+    .description("change the update channel, server or signing keys (unset options keep their value)")
+    .option("--channel <channel>", "update channel, e.g. stable")
+    .option("--server <url>", "base URL of the Piccolo update server")
+    .option("--signing-key <file>", "armored public key file, replacing all configured keys (repeatable)", collect)
+    .action((opts: { channel?: string; server?: string; signingKey?: string[] }, cmd: Command) => run(cmd, (m, c) => m.updateConfigCommand(c, opts)));
 }
 
 /** Parses `args` (without node and the script), runs the command and returns the exit code. */
