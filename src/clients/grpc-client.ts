@@ -5,6 +5,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
+import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installer.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 
@@ -124,6 +125,7 @@ export interface PiccoloGrpcClients {
   readonly system: PromiseClient<typeof SystemServiceService>;
   readonly operations: PromiseClient<typeof OperationsServiceService>;
   readonly containers: PromiseClient<typeof ContainerServiceService>;
+  readonly installer: PromiseClient<typeof InstallerServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -138,6 +140,7 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     system: createPromiseClient(channel, SystemServiceService, options),
     operations: createPromiseClient(channel, OperationsServiceService, options),
     containers: createPromiseClient(channel, ContainerServiceService, options),
+    installer: createPromiseClient(channel, InstallerServiceService, options),
     channel,
     close: () => channel.close(),
   };

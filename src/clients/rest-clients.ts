@@ -1,5 +1,6 @@
 /** All generated REST clients over one transport. */
 import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
+import { InstallerServiceRestClient } from "../../gen/piccolo/installer/v1/installer_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
 import { createRestTransport, type RestTransportOptions } from "./rest-transport.js";
@@ -9,10 +10,11 @@ export interface PiccoloRestClients {
   readonly system: SystemServiceRestClient;
   readonly operations: OperationsServiceRestClient;
   readonly containers: ContainerServiceRestClient;
+  readonly installer: InstallerServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
 export function createRestClients(options: RestTransportOptions): PiccoloRestClients {
   const t = createRestTransport(options);
-  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t) };
+  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t), installer: new InstallerServiceRestClient(t) };
 }

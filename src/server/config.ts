@@ -60,6 +60,16 @@ export const ConfigSchema = z
      * of tpmDevices), a device path, or a TCTI such as "swtpm:host=127.0.0.1,port=2321" (tests).
      */
     tpm2Device: z.string().min(1).default("auto"),
+    /** Installer: folders install images may come from; the first is the live medium's image folder. */
+    installerImageDirs: z.array(absPath).default(["/run/piccolo/live/images"]),
+    /** Installer: folders whose image files may be install targets (VM images, tests); empty allows block devices only. */
+    installerFileTargetDirs: z.array(absPath).default([]),
+    /** Installer: OpenPGP keyrings (gpg --export) holding the keys that sign Piccolo images. */
+    installerKeyrings: z.array(absPath).default(["/usr/share/piccolo/keys/piccolo-release.gpg"]),
+    /** Installer: smallest disk offered as a target, in bytes (Flatcar needs about 8 GiB). */
+    installerMinDiskBytes: z.number().int().min(0).default(8 * 1024 ** 3),
+    /** The kernel command line, read to tell the live environment (`piccolo.live`). */
+    kernelCmdlineFile: absPath.default("/proc/cmdline"),
   })
   .strict();
 

@@ -25,6 +25,11 @@ import { diagnosticsKind } from "./system/diagnostics.js";
 import { createHealthChecker, type HealthChecker } from "./system/health.js";
 import { createSystemService } from "./system/service.js";
 import { CredentialStore } from "./trust/credentials.js";
+import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installer.js";
+import { createDiskInventory } from "./disks/inventory.js";
+import { createInstaller } from "./installer/manager.js";
+import { createInstallerService } from "./installer/service.js";
+import { createOpenPgpVerifier } from "./verify/openpgp.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -123,6 +128,19 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   ops.register(pullKind(imageDeps));
   ops.register(importKind(imageDeps));
   ops.register(buildKind(imageDeps));
+  const installer = createInstaller({
+    inventory: createDiskInventory(),
+    verifier: createOpenPgpVerifier({ keyrings: config.installerKeyrings }),
+    log: log.child({ area: "installer" }),
+    imageDirs: config.installerImageDirs,
+    fileTargetDirs: config.installerFileTargetDirs,
+    minDiskBytes: config.installerMinDiskBytes,
+    kernelCmdlineFile: config.kernelCmdlineFile,
+    mountInfoFile: config.mountInfoFile,
+    tpm2Device: config.tpm2Device,
+    tpmDevices: config.tpmDevices,
+  });
+  ops.register(installer.kind);
   await ops.init();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
@@ -130,6 +148,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   registry.add(SystemServiceService, createSystemService({ health, ops, osReleaseFiles: config.osReleaseFiles }), "system");
   registry.add(OperationsServiceService, createOperationsService(ops), "operations");
   registry.add(ContainerServiceService, createContainerService({ containers, ops }), "containers");
+  registry.add(InstallerServiceService, createInstallerService({ installer, ops }), "installer");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);
