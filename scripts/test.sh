@@ -11,7 +11,8 @@ ensure_debian_packages "systemd-notify:systemd" "python3:python3" \
   "mksquashfs:squashfs-tools" "gpg:gnupg" "ignition-validate:ignition" "shellcheck:shellcheck" \
   "qemu-system-x86_64:qemu-system-x86" "swtpm:swtpm" "swtpm_setup:swtpm-tools" "tpm2_startup:tpm2-tools" \
   "debootstrap:debootstrap" "mkfs.ext4:e2fsprogs" \
-  "dockerd:docker.io" "busybox:busybox-static" "docker-registry:docker-registry"
+  "dockerd:docker.io" "busybox:busybox-static" "docker-registry:docker-registry" \
+  "sgdisk:gdisk" "cgpt:cgpt" "cryptsetup:cryptsetup-bin" "gpgv:gpgv" "zstd:zstd" "bzip2:bzip2"
 bash scripts/check.sh
 build_dist
 mkdir -p .test-tmp

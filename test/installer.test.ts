@@ -299,9 +299,9 @@ describe("refusals change nothing", () => {
 /** A bigger, slowly decompressed image so there is time to cancel or kill mid-write. */
 async function slowImage(): Promise<string> {
   const raw = join(images, "piccolo-os-2.0.0.img");
-  buildFlatcarImage(raw, 384);
-  // Random data in ROOT too, so bzip2 has real work to do.
-  spawnSync("sh", ["-c", `dd if=/dev/urandom of="${raw}" bs=1M seek=64 count=300 conv=notrunc status=none`]);
+  buildFlatcarImage(raw, 320);
+  // Random data in ROOT (MiB 224 to 318), so bunzip2 has real work to do (seconds of writing).
+  spawnSync("sh", ["-c", `dd if=/dev/urandom of="${raw}" bs=1M seek=224 count=94 conv=notrunc status=none`]);
   spawnSync("sgdisk", ["-e", raw]);
   const bz = compress(raw, "bzip2");
   await rm(raw);
@@ -346,7 +346,7 @@ describe("cancel and kill -9 mid-write", () => {
   };
 
   test("CancelInstall: CANCELLED, and the target has no valid primary GPT (it had one before)", async () => {
-    const target = loop(sparseTarget(join(targets, "cancel.img"), 448 * MiB, true));
+    const target = loop(sparseTarget(join(targets, "cancel.img"), 384 * MiB, true));
     expect(sh("sgdisk", ["-v", target]).out).toMatch(/No problems found/);
     const { id, rest } = await startAndWaitForWrite(target);
     const c = await api.installer.cancelInstall({ operationId: "" });
@@ -357,7 +357,7 @@ describe("cancel and kill -9 mid-write", () => {
   }, 300_000);
 
   test("kill -9: INTERRUPTED at the next start, saying the target has no valid primary GPT", async () => {
-    const target = loop(sparseTarget(join(targets, "kill.img"), 448 * MiB, true));
+    const target = loop(sparseTarget(join(targets, "kill.img"), 384 * MiB, true));
     const { id } = await startAndWaitForWrite(target);
     await d.kill9();
     expectNoGpt(target);

@@ -24,6 +24,7 @@ export { connectApi };
 
 /** The `containers …` and `images …` commands (containers.ts). */
 export * from "./containers.js";
+export * from "./install.js";
 
 /** Parses an operation state: "running", "RUNNING" or "OPERATION_STATE_RUNNING"; UsageError otherwise. */
 export function parseOperationState(value: string): OperationState {
