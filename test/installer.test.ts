@@ -167,6 +167,10 @@ test("install a gzip image onto a larger loop device: bytes match, GPT valid wit
   const writing = progress.filter((p) => p.phase === "write" && p.bytesDone > 0);
   expect(writing.length).toBeGreaterThan(0);
   for (const p of writing) expect(p.bytesTotal).toBe(image.bytes);
+  // Sane rates: positive and below 100 GB/s wherever a rate is given.
+  const rated = progress.filter((p) => p.bytesPerSecond > 0);
+  expect(rated.length).toBeGreaterThan(0);
+  for (const p of rated) expect(p.bytesPerSecond).toBeLessThan(100e9);
 
   // The REST watcher saw the same journaled events.
   const rest = (await restEvents[0]!).filter((e) => !e.attached);

@@ -11,8 +11,8 @@ import { HEAD_BYTES } from "./gpt.js";
 
 /** Size of one write; a multiple of every sector and page size. */
 export const BLOCK_BYTES = 4 << 20;
-/** Writes in flight. */
-const DEPTH = 4;
+/** Writes in flight: one being written while the next is hashed; more only contend for the inode. */
+const DEPTH = 2;
 
 async function writeFully(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
   let off = 0;
@@ -90,6 +90,12 @@ export async function writeImage(o: WriteOptions): Promise<WriteResult> {
     for await (const chunk of o.source) {
       if (o.signal.aborted) throw o.signal.reason;
       let c = chunk as Buffer;
+      // Whole aligned blocks straight from the reader (a raw image read in 4 MiB chunks): no copy.
+      while (fill === 0 && c.length >= BLOCK_BYTES) {
+        await dispatch(c.subarray(0, BLOCK_BYTES), base);
+        base += BLOCK_BYTES;
+        c = c.subarray(BLOCK_BYTES);
+      }
       while (c.length > 0) {
         const n = Math.min(c.length, BLOCK_BYTES - fill);
         c.copy(block, fill, 0, n);
