@@ -5,6 +5,7 @@
  * target's bytes as they were; cancel and kill -9 mid-write to leave no valid primary GPT.
  */
 import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
 import { mkdtemp, rm, writeFile, copyFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -370,6 +371,8 @@ describe("cancel and kill -9 mid-write", () => {
     const op = await api.operations.getOperation({ id });
     expect(op.state).toBe(OperationState.OPERATION_STATE_INTERRUPTED);
     expect(op.error?.message).toMatch(/no valid primary partition table/);
+    // recover() removed the scratch folder the killed worker left.
+    expect(existsSync(join(tmpdir(), `piccolo-install-${id}`))).toBe(false);
   }, 300_000);
 });
 

@@ -7,7 +7,7 @@
  */
 import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { mkdtemp, open, readFile, readdir, realpath, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { mkdir, open, readFile, readdir, realpath, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, isAbsolute, join, relative } from "node:path";
 import type { Logger } from "pino";
@@ -184,6 +184,9 @@ async function writeRange(fh: FileHandle, data: Buffer, offset: number): Promise
     off += bytesWritten;
   }
 }
+
+/** The install's scratch folder (sparse GPT and LUKS header images), by operation id so recover() finds it. */
+const scratchDirOf = (opId: string): string => join(tmpdir(), `piccolo-install-${opId.replace(/[^A-Za-z0-9-]/g, "")}`);
 
 /** Creates the installer. */
 export function createInstaller(deps: InstallerDeps): Installer {
@@ -544,7 +547,9 @@ export function createInstaller(deps: InstallerDeps): Installer {
     };
     let touched = false; // the target has been written to
     let committed = false;
-    const scratchDir = await mkdtemp(join(tmpdir(), "piccolo-install-"));
+    const scratchDir = scratchDirOf(ctx.id);
+    await rm(scratchDir, { recursive: true, force: true });
+    await mkdir(scratchDir, { mode: 0o700 });
     let fh: FileHandle | undefined;
     try {
       // 1. verify: hash and signature, both over the file as stored, in parallel.
@@ -725,6 +730,8 @@ export function createInstaller(deps: InstallerDeps): Installer {
     cancellable: true,
     run: runInstall,
     async recover(op: Operation) {
+      // A killed daemon left its scratch files (sparse GPT and LUKS header copies; never a key).
+      await rm(scratchDirOf(op.id), { recursive: true, force: true });
       let target = "";
       try {
         target = InstallRequest.decode(op.request?.value ?? new Uint8Array()).spec?.target ?? "";
