@@ -12,7 +12,8 @@ ensure_debian_packages "systemd-notify:systemd" "python3:python3" \
   "qemu-system-x86_64:qemu-system-x86" "swtpm:swtpm" "swtpm_setup:swtpm-tools" "tpm2_startup:tpm2-tools" \
   "debootstrap:debootstrap" "mkfs.ext4:e2fsprogs" \
   "dockerd:docker.io" "busybox:busybox-static" "docker-registry:docker-registry" \
-  "git:git" "systemd-analyze:systemd" "dbus-daemon:dbus" "busctl:systemd" "cgpt:cgpt" "sgdisk:gdisk" "gpgv:gpgv"
+  "git:git" "systemd-analyze:systemd" "dbus-daemon:dbus" "busctl:systemd" "cgpt:cgpt" "sgdisk:gdisk" "gpgv:gpgv" \
+  "cryptsetup:cryptsetup-bin" "zstd:zstd" "bzip2:bzip2"
 bash scripts/check.sh
 build_dist
 mkdir -p .test-tmp

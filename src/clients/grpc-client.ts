@@ -5,6 +5,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
+import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installer.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
@@ -130,6 +131,7 @@ export interface PiccoloGrpcClients {
   readonly tasks: PromiseClient<typeof TaskServiceService>;
   readonly trust: PromiseClient<typeof TrustServiceService>;
   readonly update: PromiseClient<typeof UpdateServiceService>;
+  readonly installer: PromiseClient<typeof InstallerServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -147,6 +149,7 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     tasks: createPromiseClient(channel, TaskServiceService, options),
     trust: createPromiseClient(channel, TrustServiceService, options),
     update: createPromiseClient(channel, UpdateServiceService, options),
+    installer: createPromiseClient(channel, InstallerServiceService, options),
     channel,
     close: () => channel.close(),
   };

@@ -1,5 +1,6 @@
 /** All generated REST clients over one transport. */
 import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
+import { InstallerServiceRestClient } from "../../gen/piccolo/installer/v1/installer_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
 import { TaskServiceRestClient } from "../../gen/piccolo/tasks/v1/tasks_rest.js";
@@ -15,6 +16,7 @@ export interface PiccoloRestClients {
   readonly tasks: TaskServiceRestClient;
   readonly trust: TrustServiceRestClient;
   readonly update: UpdateServiceRestClient;
+  readonly installer: InstallerServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
@@ -27,5 +29,6 @@ export function createRestClients(options: RestTransportOptions): PiccoloRestCli
     tasks: new TaskServiceRestClient(t),
     trust: new TrustServiceRestClient(t),
     update: new UpdateServiceRestClient(t),
+    installer: new InstallerServiceRestClient(t),
   };
 }

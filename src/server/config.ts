@@ -93,6 +93,14 @@ export const ConfigSchema = z
     updateDownloadRetries: z.number().int().min(0).max(20).default(4),
     /** How long update_engine may report no change before an update fails. */
     updateEngineStallMs: z.number().int().min(1000).max(3_600_000).default(120_000),
+    /** Installer: folders install images may come from; the first is the live medium's image folder. */
+    installerImageDirs: z.array(absPath).default(["/run/piccolo/live/images"]),
+    /** Installer: folders whose image files may be install targets (VM images, tests); empty allows block devices only. */
+    installerFileTargetDirs: z.array(absPath).default([]),
+    /** Installer: OpenPGP keyrings (gpg --export) holding the keys that sign Piccolo images. */
+    installerKeyrings: z.array(absPath).default(["/usr/share/piccolo/keys/piccolo-release.gpg"]),
+    /** Installer: smallest disk offered as a target, in bytes (Flatcar needs about 8 GiB). */
+    installerMinDiskBytes: z.number().int().min(0).default(8 * 1024 ** 3),
   })
   .strict();
 

@@ -37,6 +37,11 @@ import { createTpm } from "./trust/tpm.js";
 import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
 import { createUpdateManager } from "./update/manager.js";
 import { createUpdateService } from "./update/service.js";
+import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installer.js";
+import { createDiskInventory } from "./disks/inventory.js";
+import { createInstaller } from "./installer/manager.js";
+import { createInstallerService } from "./installer/service.js";
+import { createOpenPgpVerifier } from "./verify/openpgp.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -176,6 +181,19 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   });
   ops.register(update.applyKind);
   ops.register(update.rollbackKind);
+  const installer = createInstaller({
+    inventory: createDiskInventory(),
+    verifier: createOpenPgpVerifier({ keyrings: config.installerKeyrings }),
+    log: log.child({ area: "installer" }),
+    imageDirs: config.installerImageDirs,
+    fileTargetDirs: config.installerFileTargetDirs,
+    minDiskBytes: config.installerMinDiskBytes,
+    kernelCmdlineFile: config.kernelCmdlineFile,
+    mountInfoFile: config.mountInfoFile,
+    tpm2Device: config.tpm2Device,
+    tpmDevices: config.tpmDevices,
+  });
+  ops.register(installer.kind);
   await ops.init();
   await trust.start();
   await update.init();
@@ -205,6 +223,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   );
   registry.add(TrustServiceService, createTrustService({ trust, ops }), "trust");
   registry.add(UpdateServiceService, createUpdateService({ update, ops }), "update");
+  registry.add(InstallerServiceService, createInstallerService({ installer, ops }), "installer");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);

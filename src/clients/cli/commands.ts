@@ -28,6 +28,7 @@ export * from "./tasks.js";
 
 /** The `update …` commands (update.ts). */
 export * from "./update.js";
+export * from "./install.js";
 
 /** Parses an operation state: "running", "RUNNING" or "OPERATION_STATE_RUNNING"; UsageError otherwise. */
 export function parseOperationState(value: string): OperationState {

@@ -138,6 +138,7 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
   addTaskCommands(program, run);
   addTrustCommands(program, run);
   addUpdateCommands(program, run);
+  addInstallCommands(program, run);
 
   return program;
 }
@@ -430,4 +431,35 @@ function addTaskCommands(program: Command, run: Run): void {
       .option("--prompt <text>", "the prompt the agent runs with")
       .option("--write-only", "only write the unit; do not reload, enable or start it"),
   ).action((name: string, opts: import("./tasks.js").ProfileOptions, cmd: Command) => run(cmd, (m, c) => m.tasksServiceCreateCommand(c, name, opts)));
+}
+
+/** `install env|disks|plan|run`. */
+function addInstallCommands(program: Command, run: Run): void {
+  const inst = program.command("install").description("install Piccolo OS from the live medium (or an image) onto a disk");
+  inst
+    .command("env")
+    .description("show whether this is the live environment, the boot disk and the install images")
+    .action((_o, cmd: Command) => run(cmd, (m, c) => m.installEnvCommand(c)));
+  inst
+    .command("disks")
+    .description("list block devices and whether each may be installed to")
+    .action((_o, cmd: Command) => run(cmd, (m, c) => m.installDisksCommand(c)));
+  const specOptions = (c: Command): Command =>
+    c
+      .argument("<target>", "the whole disk to install to, e.g. /dev/sdb")
+      .option("--image <path>", "image file on the daemon's host (raw, .gz, .bz2 or .zst)")
+      .option("--live", "the newest install image on the live medium")
+      .option("--sha256 <hex>", "expected SHA-256 of the image file (default: <image>.sha256 beside it)")
+      .option("--signature-file <path>", "detached OpenPGP signature, read here (default: <image>.asc beside it on the host)")
+      .option("--ignition <path>", "Ignition config (JSON), read here, for the OEM partition")
+      .option("--hostname <name>", "host name for a generated Ignition config")
+      .option("--ssh-key <line>", "SSH public key for the core user (repeatable)", collect)
+      .option("--encryption <mode>", "none or tpm2 (ROOT as LUKS2, unlocked by the TPM; prints a recovery key once)", "none");
+  specOptions(inst.command("plan"))
+    .description("dry run: what would be written where and what would be erased; changes nothing")
+    .action((target: string, opts: import("./install.js").InstallOptions, cmd: Command) => run(cmd, (m, c) => m.installPlanCommand(c, target, opts)));
+  specOptions(inst.command("run"))
+    .description("plan, confirm, then install with a live progress bar")
+    .option("-y, --yes", "do not ask for confirmation")
+    .action((target: string, opts: import("./install.js").InstallOptions, cmd: Command) => run(cmd, (m, c) => m.installRunCommand(c, target, opts), true));
 }

@@ -1,0 +1,223 @@
+/**
+ * The write path: streams the decompressed image onto the target in large aligned writes with a
+ * few in flight, hashing each block while the kernel writes the previous ones, and holds back the
+ * first MiB (protective MBR and primary GPT) so it can be written last. Then the read-back pass.
+ */
+import type { FileHandle } from "node:fs/promises";
+import type { Readable } from "node:stream";
+import { Worker } from "node:worker_threads";
+import { PiccoloError } from "../errors.js";
+import { HEAD_BYTES } from "./gpt.js";
+
+/** Size of one write; a multiple of every sector and page size. */
+export const BLOCK_BYTES = 4 << 20;
+
+async function writeFully(fh: FileHandle, buf: Buffer, position: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off, position + off);
+    if (bytesWritten <= 0) throw new Error(`short write at byte ${position + off}`);
+    off += bytesWritten;
+  }
+}
+
+/** Writes zeros over [offset, offset + length). */
+export async function zeroRange(fh: FileHandle, offset: number, length: number): Promise<void> {
+  const z = Buffer.alloc(Math.min(length, BLOCK_BYTES));
+  for (let o = 0; o < length; o += z.length) await writeFully(fh, z.subarray(0, Math.min(z.length, length - o)), offset + o);
+}
+
+/** What writeImage did. */
+export interface WriteResult {
+  /** The image's first MiB, not yet written. */
+  readonly head: Buffer;
+  /** Bytes in the image. */
+  readonly bytes: number;
+  /** SHA-256 of the whole decompressed image, hex. */
+  readonly sha256: string;
+}
+
+/** Options of writeImage. */
+export interface WriteOptions {
+  readonly source: Readable;
+  readonly target: FileHandle;
+  /** Largest image that fits the target, in bytes. */
+  readonly capacity: number;
+  readonly signal: AbortSignal;
+  /** Called after each block is handed to the kernel, with the image bytes done. */
+  readonly onProgress: (bytesDone: number) => void;
+}
+
+// The hash runs on its own thread over shared memory, so it overlaps with the reads, the writes
+// and the event loop instead of taking turns with them. Inline (eval) so the bundled single
+// executable needs no second file.
+const HASH_WORKER = `
+const { parentPort } = require("node:worker_threads");
+const { createHash } = require("node:crypto");
+const h = createHash("sha256");
+parentPort.on("message", (m) => {
+  if (m.sab) { h.update(new Uint8Array(m.sab, 0, m.len)); parentPort.postMessage({ id: m.id }); }
+  else parentPort.postMessage({ digest: h.digest("hex") });
+});`;
+
+/** A SHA-256 on a worker thread fed with shared buffers, in order. */
+class HashThread {
+  private readonly worker = new Worker(HASH_WORKER, { eval: true });
+  private readonly waiting = new Map<number, () => void>();
+  private digestWaiter: ((hex: string) => void) | undefined;
+  private failed: Error | undefined;
+  private next = 0;
+
+  constructor() {
+    this.worker.on("message", (m: { id?: number; digest?: string }) => {
+      if (m.digest !== undefined) this.digestWaiter?.(m.digest);
+      else if (m.id !== undefined) {
+        this.waiting.get(m.id)?.();
+        this.waiting.delete(m.id);
+      }
+    });
+    this.worker.on("error", (e) => {
+      this.failed = e;
+      for (const w of this.waiting.values()) w();
+    });
+  }
+
+  /** Hashes `len` bytes of `sab`; resolves when the worker is done with the buffer. */
+  update(sab: SharedArrayBuffer, len: number): Promise<void> {
+    const id = this.next++;
+    const p = new Promise<void>((resolve) => this.waiting.set(id, resolve));
+    this.worker.postMessage({ id, sab, len });
+    return p.then(() => {
+      if (this.failed) throw this.failed;
+    });
+  }
+
+  async digest(): Promise<string> {
+    const p = new Promise<string>((resolve) => (this.digestWaiter = resolve));
+    this.worker.postMessage({});
+    return p;
+  }
+
+  async close(): Promise<void> {
+    await this.worker.terminate();
+  }
+}
+
+/** Blocks of shared memory, each busy until both its write and its hash are done. */
+const POOL = 3;
+
+/**
+ * Streams `source` onto the target from byte HEAD_BYTES on (the first MiB is returned, not
+ * written), hashing everything on a worker thread. Does not sync; the caller does.
+ */
+export async function writeImage(o: WriteOptions): Promise<WriteResult> {
+  const hasher = new HashThread();
+  const head = Buffer.alloc(HEAD_BYTES);
+  const free: SharedArrayBuffer[] = Array.from({ length: POOL }, () => new SharedArrayBuffer(BLOCK_BYTES));
+  const busy: Promise<SharedArrayBuffer>[] = [];
+  let sab = free.pop()!;
+  let block = Buffer.from(sab);
+  let fill = 0;
+  let base = 0; // image offset of `block`
+  let written = 0;
+
+  const dispatch = async (len: number): Promise<void> => {
+    const at = base;
+    if (at + len > o.capacity) {
+      throw new PiccoloError("failed_precondition", `the image is larger than the target (${o.capacity} bytes)`, { reason: "TARGET_TOO_SMALL" });
+    }
+    const buf = block.subarray(0, len);
+    let data = buf;
+    let pos = at;
+    if (at < HEAD_BYTES) {
+      const n = Math.min(HEAD_BYTES - at, len);
+      buf.copy(head, at, 0, n);
+      data = buf.subarray(n);
+      pos = at + n;
+    }
+    const mine = sab;
+    const w = data.length > 0 ? writeFully(o.target, data, pos) : Promise.resolve();
+    const both = Promise.all([w, hasher.update(mine, len)]).then(() => mine);
+    both.catch(() => undefined);
+    busy.push(both);
+    written = at + len;
+    base += len;
+    o.onProgress(written);
+    if (free.length === 0) free.push(await busy.shift()!);
+    sab = free.pop()!;
+    block = Buffer.from(sab);
+    fill = 0;
+  };
+
+  try {
+    for await (const chunk of o.source) {
+      if (o.signal.aborted) throw o.signal.reason;
+      let c = chunk as Buffer;
+      while (c.length > 0) {
+        const n = Math.min(c.length, BLOCK_BYTES - fill);
+        c.copy(block, fill, 0, n);
+        fill += n;
+        c = c.subarray(n);
+        if (fill === BLOCK_BYTES) await dispatch(BLOCK_BYTES);
+      }
+    }
+    if (fill > 0) await dispatch(fill);
+    await Promise.all(busy);
+    if (written < HEAD_BYTES) {
+      throw new PiccoloError("invalid_argument", `image: only ${written} bytes long, not a disk image`, { field: "spec.image_path" });
+    }
+    return { head, bytes: written, sha256: await hasher.digest() };
+  } catch (e) {
+    await Promise.allSettled(busy);
+    throw e;
+  } finally {
+    await hasher.close();
+  }
+}
+
+/**
+ * Reads the target back over [HEAD_BYTES, bytes) and returns the SHA-256 of `head` followed by
+ * those bytes, to compare with WriteResult.sha256. Reads ahead while the worker hashes.
+ */
+export async function readBack(
+  target: FileHandle,
+  head: Buffer,
+  bytes: number,
+  signal: AbortSignal,
+  onProgress: (bytesDone: number) => void,
+): Promise<string> {
+  const hasher = new HashThread();
+  try {
+    const first = new SharedArrayBuffer(HEAD_BYTES);
+    const n = Math.min(head.length, bytes);
+    head.copy(Buffer.from(first), 0, 0, n);
+    await hasher.update(first, n);
+    const readAt = async (sab: SharedArrayBuffer, at: number): Promise<number> => {
+      const buf = Buffer.from(sab);
+      const want = Math.min(BLOCK_BYTES, bytes - at);
+      let got = 0;
+      while (got < want) {
+        const { bytesRead } = await target.read(buf, got, want - got, at + got);
+        if (bytesRead === 0) throw new PiccoloError("internal", `the target ended at byte ${at + got} while reading back`);
+        got += bytesRead;
+      }
+      return want;
+    };
+    let bufs = [new SharedArrayBuffer(BLOCK_BYTES), new SharedArrayBuffer(BLOCK_BYTES)];
+    let pos = HEAD_BYTES;
+    let hashing: Promise<void> = Promise.resolve();
+    while (pos < bytes) {
+      if (signal.aborted) throw signal.reason;
+      const len = await readAt(bufs[0]!, pos); // the other buffer is being hashed meanwhile
+      await hashing;
+      hashing = hasher.update(bufs[0]!, len);
+      pos += len;
+      bufs = [bufs[1]!, bufs[0]!];
+      onProgress(pos);
+    }
+    await hashing;
+    return await hasher.digest();
+  } finally {
+    await hasher.close();
+  }
+}
