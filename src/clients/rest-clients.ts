@@ -1,4 +1,5 @@
 /** All generated REST clients over one transport. */
+import { AuthServiceRestClient } from "../../gen/piccolo/auth/v1/auth_rest.js";
 import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
 import { SystemServiceRestClient } from "../../gen/piccolo/system/v1/system_rest.js";
@@ -6,6 +7,7 @@ import { createRestTransport, type RestTransportOptions } from "./rest-transport
 
 /** The REST clients for every piccolod service. */
 export interface PiccoloRestClients {
+  readonly auth: AuthServiceRestClient;
   readonly system: SystemServiceRestClient;
   readonly operations: OperationsServiceRestClient;
   readonly containers: ContainerServiceRestClient;
@@ -14,5 +16,5 @@ export interface PiccoloRestClients {
 /** Creates REST clients for the gateway at `options.baseUrl`. */
 export function createRestClients(options: RestTransportOptions): PiccoloRestClients {
   const t = createRestTransport(options);
-  return { system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t) };
+  return { auth: new AuthServiceRestClient(t), system: new SystemServiceRestClient(t), operations: new OperationsServiceRestClient(t), containers: new ContainerServiceRestClient(t) };
 }
