@@ -274,6 +274,9 @@ function startPiccolod(daemonJs: string, base: string, name: string, logLevel: s
       "--grpc-listen", "127.0.0.1:0",
       "--rest-listen", "127.0.0.1:0",
       "--log-level", logLevel,
+      // The RPC layer against a bare plaintext server: no TLS, no tokens (bench/auth.ts measures those).
+      "--insecure-plaintext", "true",
+      "--auth-disabled", "true",
     ],
     join(runtimeDir, "endpoints.json"),
   );
