@@ -153,7 +153,18 @@ export async function startTestDaemon(options: TestDaemonOptions = {}): Promise<
     if (!d.endpoints.socket) return;
     const c = createGrpcClients({ endpoint: `unix://${d.endpoints.socket}` });
     try {
-      const info = await c.auth.getAuthInfo({});
+      // Right after a restart grpc-js may still back off from the old daemon's socket (its
+      // subchannels are shared between clients): retry UNAVAILABLE for a while.
+      let info;
+      for (let attempt = 0; ; attempt++) {
+        try {
+          info = await c.auth.getAuthInfo({});
+          break;
+        } catch (e) {
+          if ((e as { code?: number }).code !== grpc.status.UNAVAILABLE || attempt >= 100) throw e;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
       credentials.certificate = info.tlsCertificatePem;
       if (info.tlsEnabled && pemFingerprint(info.tlsCertificatePem) !== d.endpoints.tlsFingerprint) {
         throw new Error(`the certificate from GetAuthInfo (${pemFingerprint(info.tlsCertificatePem)}) is not the one in endpoints.json (${d.endpoints.tlsFingerprint})`);
