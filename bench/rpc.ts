@@ -515,7 +515,7 @@ interface GrpcCaller {
 
 /** GetVersion through the project's promise client (one grpc-js channel, one HTTP/2 connection). */
 function grpcJsCaller(target: string): GrpcCaller {
-  const clients: PiccoloGrpcClients = createGrpcClients({ endpoint: target, timeoutMs: 10_000 });
+  const clients: PiccoloGrpcClients = createGrpcClients({ endpoint: target, timeoutMs: 10_000, plaintext: true });
   return { call: () => clients.system.getVersion({}, { timeoutMs: 10_000 }), close: () => clients.close() };
 }
 
@@ -687,7 +687,7 @@ async function main(): Promise<void> {
   const daemonIdleRss = procStatusMb(daemon.pid, "VmRSS");
 
   // The response to serve, as piccolod serves it (through the project's client, once).
-  const once = createGrpcClients({ endpoint: daemon.endpoints.grpc, timeoutMs: 10_000 });
+  const once = createGrpcClients({ endpoint: daemon.endpoints.grpc, timeoutMs: 10_000, plaintext: true });
   const version = await once.system.getVersion({}).finally(() => once.close());
   const responseBase64 = Buffer.from(GetVersionResponse.encode(version).finish()).toString("base64");
 

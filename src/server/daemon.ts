@@ -11,7 +11,7 @@ import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operat
 import { Role } from "../../gen/piccolo/common/v1/access.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
-import { createAuth } from "./auth/index.js";
+import { createAuth, loadAuthState } from "./auth/index.js";
 import { parseListen, type Config } from "./config.js";
 import { createDockerEngine } from "./containers/docker.js";
 import { buildKind, importKind, pullKind } from "./containers/images.js";
@@ -115,6 +115,9 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     tpm2Device: config.tpm2Device,
     tpmDevices: config.tpmDevices,
   });
+  // The API keys are unsealed by a child process: let that run while the rest starts.
+  const authState = loadAuthState({ config, credentials, log: log.child({ area: "auth" }) });
+  authState.catch(() => undefined); // awaited (and reported) below
 
   const engine = createDockerEngine(config.dockerSocket);
   const containers = createContainerManager({
@@ -132,7 +135,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   let auth;
   try {
-    auth = await createAuth({ config, credentials, audit, log: log.child({ area: "auth" }) });
+    auth = createAuth({ config, state: await authState, audit, log: log.child({ area: "auth" }) });
   } catch (e) {
     await audit.close();
     throw new StartupCheckError(`authentication cannot start: ${(e as Error).message}`);

@@ -12,7 +12,7 @@ import { createAuthGate, type AuthGate } from "./gate.js";
 import { loadDeviceKeys, type DeviceKeys } from "./keys.js";
 import { createAuthService } from "./service.js";
 import { createTokenManager, type TokenManager } from "./tokens.js";
-import { openUserStore } from "./users.js";
+import { openUserStore, type UserStore } from "./users.js";
 
 /** The auth parts the daemon wires in. */
 export interface Auth {
@@ -24,26 +24,37 @@ export interface Auth {
   readonly tls: { readonly key: string; readonly cert: string } | undefined;
 }
 
-/** Sets up authentication from the configuration. */
-export async function createAuth(o: {
-  readonly config: Config;
-  readonly credentials: CredentialStore;
-  readonly audit: AuditLog;
-  readonly log: Logger;
-}): Promise<Auth> {
-  const { config, log } = o;
+/** The state authentication keeps on disk, loaded (keys unsealed, token records and users read). */
+export interface AuthState {
+  readonly keys: DeviceKeys;
+  readonly tokens: TokenManager;
+  readonly users: UserStore;
+}
+
+/**
+ * Loads the keys (making them on first start), the token records and the users. Unsealing runs
+ * systemd-creds, so the daemon starts this early and does other start-up work meanwhile.
+ */
+export async function loadAuthState(o: { readonly config: Config; readonly credentials: CredentialStore; readonly log: Logger }): Promise<AuthState> {
+  const { config } = o;
   const keys = await loadDeviceKeys({
     stateDir: config.stateDir,
     credentials: o.credentials,
     protection: config.keyProtection,
     altNames: config.tlsAltNames,
-    log,
+    log: o.log,
   });
-  const tokens = await createTokenManager({ keys, stateDir: config.stateDir });
-  const users = await openUserStore({
-    stateDir: config.stateDir,
-    policy: { maxFailures: config.loginMaxFailures, lockMs: config.loginLockSeconds * 1000 },
-  });
+  const [tokens, users] = await Promise.all([
+    createTokenManager({ keys, stateDir: config.stateDir }),
+    openUserStore({ stateDir: config.stateDir, policy: { maxFailures: config.loginMaxFailures, lockMs: config.loginLockSeconds * 1000 } }),
+  ]);
+  return { keys, tokens, users };
+}
+
+/** Sets up authentication from the configuration and the loaded state. */
+export function createAuth(o: { readonly config: Config; readonly state: AuthState; readonly audit: AuditLog; readonly log: Logger }): Auth {
+  const { config, log } = o;
+  const { keys, tokens, users } = o.state;
   const required = !config.authDisabled;
   const tls = !config.insecurePlaintext;
   const gate = createAuthGate({ tokens, audit: o.audit, required, log });
