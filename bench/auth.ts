@@ -6,7 +6,8 @@
  *     bearer JWT (ES256) checked on every call;
  *   - baseline: the development switches insecurePlaintext and authDisabled (plaintext, no token).
  *
- * Target: secured/baseline ≥ 0.85 (throughput). The load generator is the same lean
+ * Target: secured/baseline ≥ 0.85 (throughput). A third daemon with TLS but auth off is measured
+ * alongside, so the cost splits into TLS and token checking. The load generator is the same lean
  * gRPC-over-node:http2 caller for both (one HTTP/2 session; over TLS for the secured daemon), so
  * the figure compares the daemons and not two clients; each daemon's CPU per call (from
  * /proc/<pid>/stat) is printed too. The two are measured in interleaved 1 s slices (5 rounds by
@@ -172,6 +173,7 @@ async function main(): Promise<void> {
     process.stderr.write("starting the two daemons …\n");
     const secured = await startDaemon(base, "secured", []);
     const baseline = await startDaemon(base, "baseline", ["--insecure-plaintext", "true", "--auth-disabled", "true"]);
+    const tlsOnly = await startDaemon(base, "tls-only", ["--auth-disabled", "true"]);
     const unix = createGrpcClients({ endpoint: `unix://${secured.socket}` });
     const info = await unix.auth.getAuthInfo({});
     const token = (await unix.auth.createToken({ role: Role.ROLE_READER, ttl: { seconds: 3600, nanos: 0 }, subject: "bench" })).token;
@@ -179,6 +181,7 @@ async function main(): Promise<void> {
     const targets = [
       { d: secured, c: caller(secured.grpc, { ca: info.tlsCertificatePem, fingerprint: secured.fingerprint }, token), calls: 0, ms: 0, cpu: 0, lat: [] as number[] },
       { d: baseline, c: caller(baseline.grpc, undefined, undefined), calls: 0, ms: 0, cpu: 0, lat: [] as number[] },
+      { d: tlsOnly, c: caller(tlsOnly.grpc, { ca: readFileSync(join(base, "tls-only", "state", "tls", "cert.pem"), "utf8"), fingerprint: tlsOnly.fingerprint }, undefined), calls: 0, ms: 0, cpu: 0, lat: [] as number[] },
     ];
     // Without a token the secured daemon refuses; with it, it answers: the load measures the checked path.
     const refused = await caller(secured.grpc, { ca: info.tlsCertificatePem, fingerprint: secured.fingerprint }, undefined).call().then(() => "answered", (e: Error) => e.message);
@@ -190,7 +193,7 @@ async function main(): Promise<void> {
     }
     const slice = Math.max(200, Math.round(DURATION_MS / ROUNDS));
     for (let r = 0; r < ROUNDS; r++) {
-      const order = r % 2 === 0 ? targets : [...targets].reverse();
+      const order = [...targets.slice(r % targets.length), ...targets.slice(0, r % targets.length)];
       for (const t of order) {
         const cpu0 = cpuMs(t.d.proc.pid!);
         const res = await load(t.c, slice + 100, 100);
@@ -203,7 +206,7 @@ async function main(): Promise<void> {
     }
     for (const t of targets) t.c.close();
 
-    const [s, b] = targets as [(typeof targets)[0], (typeof targets)[0]];
+    const [s, b, t] = targets as [(typeof targets)[0], (typeof targets)[0], (typeof targets)[0]];
     const rate = (t: typeof s): number => (t.calls / t.ms) * 1000;
     const ratio = rate(s) / rate(b);
     const row = (name: string, t: typeof s): string =>
@@ -211,6 +214,7 @@ async function main(): Promise<void> {
     console.log(`GetVersion over gRPC TCP, ${CONCURRENCY} in flight, ${ROUNDS} interleaved rounds of ${slice} ms, node ${process.version}`);
     console.log(row("TLS + JWT (ES256) checked on every call", s));
     console.log(row("baseline: plaintext, auth off", b));
+    console.log(row("(for the split) TLS, auth off", t));
     console.log(`ratio TLS+JWT / baseline: ${ratio.toFixed(2)} (target ≥ ${TARGET})  ${ratio >= TARGET ? "PASS" : "MISS"}`);
     console.log(
       JSON.stringify({
@@ -224,6 +228,8 @@ async function main(): Promise<void> {
         baselineP99Ms: pct(b.lat, 99),
         securedCpuUsPerCall: (s.cpu * 1000) / Math.max(1, s.calls),
         baselineCpuUsPerCall: (b.cpu * 1000) / Math.max(1, b.calls),
+        tlsOnlyCallsPerSec: rate(t),
+        tlsOnlyCpuUsPerCall: (t.cpu * 1000) / Math.max(1, t.calls),
       }),
     );
   } finally {

@@ -180,7 +180,7 @@ export interface GatewayOptions {
   /** Serve HTTPS with this key and certificate (PEM); plain HTTP without. */
   readonly tls?: { readonly key: string; readonly cert: string };
   /** Authenticates a call before its request is read (sets ctx.principal or throws the denial). */
-  readonly authenticate?: (ctx: CallContext) => Promise<void>;
+  readonly authenticate?: (ctx: CallContext) => Promise<void> | undefined;
 }
 
 /** Creates the gateway for the registered methods. */

@@ -43,7 +43,7 @@ export interface GrpcServerOptions {
    * Authenticates a call before its request is even decoded (sets ctx.principal or throws the
    * denial), so a caller without the right token learns nothing from how its input is judged.
    */
-  readonly authenticate?: (ctx: CallContext) => Promise<void>;
+  readonly authenticate?: (ctx: CallContext) => Promise<void> | undefined;
 }
 
 /** Throws when a reflection call may not go on; `unix` tells the unix socket from TCP. */
@@ -134,7 +134,14 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
                   (err: unknown) => answer(toServiceError(err)),
                 );
             };
-            if (authenticate) authenticate(ctx).then(go, (err: unknown) => answer(toServiceError(err)));
+            let pending: Promise<void> | undefined;
+            try {
+              pending = authenticate?.(ctx);
+            } catch (err) {
+              answer(toServiceError(err));
+              return;
+            }
+            if (pending) pending.then(go, (err: unknown) => answer(toServiceError(err)));
             else go();
           }) as grpc.handleUnaryCall<Buffer, Buffer>;
         } else {
@@ -189,11 +196,18 @@ export function createGrpcServer(registry: MethodRegistry, interceptors: readonl
                 },
               );
             };
-            if (authenticate) {
-              authenticate(ctx).then(go, (err: unknown) => {
-                if (!ac.signal.aborted) call.emit("error", toServiceError(err));
-              });
-            } else go();
+            const fail = (err: unknown): void => {
+              if (!ac.signal.aborted) call.emit("error", toServiceError(err));
+            };
+            let pending: Promise<void> | undefined;
+            try {
+              pending = authenticate?.(ctx);
+            } catch (err) {
+              fail(err);
+              return;
+            }
+            if (pending) pending.then(go, fail);
+            else go();
           }) as grpc.handleServerStreamingCall<Buffer, Buffer>;
         }
       }

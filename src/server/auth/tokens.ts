@@ -56,6 +56,12 @@ export interface TokenManager {
   mint(role: Role, ttlMs: number, subject: string, origin: TokenRecord["origin"]): Promise<{ token: string; record: TokenRecord }>;
   /** Verifies a token string; throws UNAUTHENTICATED saying why (missing, expired, bad signature, revoked). */
   verify(token: string): Promise<Principal>;
+  /**
+   * The hot path: the principal of a token verified before (from the cache), without a promise;
+   * undefined when it is not cached (call verify()). Throws as verify() does for an expired or
+   * revoked one.
+   */
+  cached(token: string): Principal | undefined;
   /** Revokes a token by id; NOT_FOUND when no unexpired token has it. */
   revoke(id: string): Promise<TokenRecord>;
   /** Unexpired tokens, newest first. */
@@ -104,6 +110,18 @@ export async function createTokenManager(o: { readonly keys: DeviceKeys; readonl
   const expiredError = (id: string, exp: number): PiccoloError =>
     unauthenticated(`token ${id} expired at ${new Date(exp).toISOString()}; get a new one`, "TOKEN_EXPIRED", { token_id: id });
 
+  const cached = (token: string): Principal | undefined => {
+    const hit = cache.get(token);
+    if (!hit) return undefined;
+    if (hit.expiresAt <= Date.now()) {
+      cache.delete(token);
+      throw expiredError(hit.id, hit.expiresAt);
+    }
+    const r = records.get(hit.id);
+    if (r?.revokedAt !== undefined) throw revokedError(r);
+    return hit.principal;
+  };
+
   return {
     async mint(role, ttlMs, subject, origin) {
       const id = randomBytes(12).toString("base64url");
@@ -125,18 +143,11 @@ export async function createTokenManager(o: { readonly keys: DeviceKeys; readonl
       return { token, record };
     },
 
+    cached,
+
     async verify(token) {
-      const now = Date.now();
-      const hit = cache.get(token);
-      if (hit) {
-        if (hit.expiresAt <= now) {
-          cache.delete(token);
-          throw expiredError(hit.id, hit.expiresAt);
-        }
-        const r = records.get(hit.id);
-        if (r?.revokedAt !== undefined) throw revokedError(r);
-        return hit.principal;
-      }
+      const hit = cached(token);
+      if (hit) return hit;
       let payload;
       try {
         ({ payload } = await jwtVerify(token, verifyKey, { algorithms: ["ES256"], issuer: TOKEN_ISSUER, audience: TOKEN_AUDIENCE, requiredClaims: ["exp", "jti", "sub"] }));
