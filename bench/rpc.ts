@@ -274,6 +274,9 @@ function startPiccolod(daemonJs: string, base: string, name: string, logLevel: s
       "--grpc-listen", "127.0.0.1:0",
       "--rest-listen", "127.0.0.1:0",
       "--log-level", logLevel,
+      // The RPC layer against a bare plaintext server: no TLS, no tokens (bench/auth.ts measures those).
+      "--insecure-plaintext", "true",
+      "--auth-disabled", "true",
     ],
     join(runtimeDir, "endpoints.json"),
   );
@@ -512,7 +515,7 @@ interface GrpcCaller {
 
 /** GetVersion through the project's promise client (one grpc-js channel, one HTTP/2 connection). */
 function grpcJsCaller(target: string): GrpcCaller {
-  const clients: PiccoloGrpcClients = createGrpcClients({ endpoint: target, timeoutMs: 10_000 });
+  const clients: PiccoloGrpcClients = createGrpcClients({ endpoint: target, timeoutMs: 10_000, plaintext: true });
   return { call: () => clients.system.getVersion({}, { timeoutMs: 10_000 }), close: () => clients.close() };
 }
 
@@ -684,7 +687,7 @@ async function main(): Promise<void> {
   const daemonIdleRss = procStatusMb(daemon.pid, "VmRSS");
 
   // The response to serve, as piccolod serves it (through the project's client, once).
-  const once = createGrpcClients({ endpoint: daemon.endpoints.grpc, timeoutMs: 10_000 });
+  const once = createGrpcClients({ endpoint: daemon.endpoints.grpc, timeoutMs: 10_000, plaintext: true });
   const version = await once.system.getVersion({}).finally(() => once.close());
   const responseBase64 = Buffer.from(GetVersionResponse.encode(version).finish()).toString("base64");
 

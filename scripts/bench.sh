@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 ensure_node_modules
 
 out=dist/bench/rpc.js
-if [ ! -f "$out" ] || [ ! -f dist/bench/bare-server.js ] || [ ! -f dist/src/server/main.js ] || [ ! -f dist/piccolod.cjs ] ||
+if [ ! -f "$out" ] || [ ! -f dist/bench/bare-server.js ] || [ ! -f dist/bench/auth.js ] || [ ! -f dist/src/server/main.js ] || [ ! -f dist/piccolod.cjs ] ||
   [ -n "$(find src gen bench package.json package-lock.json tsconfig.json tsconfig.build.json -newer "$out" -print -quit 2>/dev/null)" ]; then
   build_dist >&2
 fi
@@ -20,6 +20,9 @@ fi
 export BENCH_DAEMON=${BENCH_DAEMON:-dist/piccolod.cjs}
 echo "==> RPC (bench/rpc.ts)"
 node "$out" "$@"
+echo
+echo "==> auth (bench/auth.ts; TLS + JWT against plaintext without auth)"
+node dist/bench/auth.js
 echo
 echo "==> containers (bench/containers.ts; a private dockerd)"
 ensure_debian_packages "dockerd:docker.io" "busybox:busybox-static"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts piccolod as a sandboxed demo: no root needed, state and socket in ./.piccolo-demo,
 # gRPC on 127.0.0.1:50051 and REST on 127.0.0.1:8080 (override with PICCOLO_DEMO_GRPC /
-# PICCOLO_DEMO_REST). Host parts that are absent are reported by `piccoloctl health`.
+# PICCOLO_DEMO_REST), TLS with the daemon's own certificate and a bearer token on both. Host parts
+# that are absent are reported by `piccoloctl health`.
 # Runs until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,10 @@ if [ "${PICCOLO_DEMO_DOCKERD:-}" = 1 ]; then
   docker_socket=$(node -p 'JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).socket' "$demo/dockerd.json")
 fi
 mkdir -p "$demo/data"
+# The API keys are sealed with systemd-creds, which needs root (the host key) or a TPM; an
+# unprivileged demo keeps them in a mode-0600 file instead.
+key_protection=sealed
+[ "$(id -u)" -eq 0 ] || key_protection="file"
 
 # OS updates (docs/update-engine.md): the update_engine simulator on a private dbus-daemon, a
 # Flatcar-like disk image with USR-A/USR-B, and a reference update server offering a signed demo
@@ -58,7 +63,8 @@ fi
 node dist/src/server/main.js \
   --state-dir "$demo/state" --runtime-dir "$demo/run" \
   --grpc-listen "$grpc_listen" --rest-listen "$rest_listen" \
-  --docker-socket "$docker_socket" --container-data-roots "$demo/data" "${update_args[@]}" >>"$demo/piccolod.log" 2>&1 &
+  --docker-socket "$docker_socket" --container-data-roots "$demo/data" "${update_args[@]}" \
+  --key-protection "$key_protection" >>"$demo/piccolod.log" 2>&1 &
 pid=$!
 stop() {
   kill -TERM "$pid" 2>/dev/null || true
@@ -81,19 +87,25 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+ctl="node $PWD/dist/src/clients/cli/main.js"
+sock="unix://$demo/run/piccolod.sock"
+fingerprint=$($ctl --endpoint "$sock" auth fingerprint)
+cert="$demo/state/tls/cert.pem"
 cat <<MSG
 
 piccolod is running (pid $pid)
-  gRPC (unix socket)  unix://$demo/run/piccolod.sock
-  gRPC (TCP)          $grpc_listen
-  REST gateway        http://$rest_listen
+  gRPC (unix socket)  $sock  (root's: no token needed)
+  gRPC (TCP, TLS)     $grpc_listen
+  REST gateway        https://$rest_listen
+  TLS certificate     $cert
+                      SHA-256 $fingerprint
   state folder        $demo/state
   log                 $demo/piccolod.log
   Docker engine       $docker_socket$( [ -S "$docker_socket" ] || echo " (absent: the containers API answers UNAVAILABLE; PICCOLO_DEMO_DOCKERD=1 starts a private one)")
 
 Try, in another terminal:
-  alias piccoloctl="node $PWD/dist/src/clients/cli/main.js"
-  export PICCOLO_ENDPOINT=unix://$demo/run/piccolod.sock
+  alias piccoloctl="$ctl"
+  export PICCOLO_ENDPOINT=$sock
   piccoloctl health
   piccoloctl diagnostics
   piccoloctl ops list
@@ -102,8 +114,15 @@ $( [ ${#update_args[@]} -gt 0 ] && printf '%s\n' \
   "  piccoloctl update status          # A/B slots and their GPT flags (a disk image in $demo/update-rig)" \
   "  piccoloctl update apply           # download, verify and install 1.1.0 through the update_engine simulator" \
   "  piccoloctl update rollback        # make the other slot the next boot again" || echo "  (OS updates off: needs dbus, cgpt, gdisk and gnupg; see $demo/update.log)")
-  curl -s http://$rest_listen/api/v1/version
-  curl -sN -X POST http://$rest_listen/api/v1/diagnostics -d '{"writeProbeMib": 256}'
+
+The TCP listeners want a token. Mint one on the unix socket (or set a password with
+\`piccoloctl auth passwd\` and use \`piccoloctl auth login\`), and pin the certificate:
+  export PICCOLO_TOKEN=\$(piccoloctl auth token --role operator --ttl 1h)
+  export PICCOLO_TLS_FINGERPRINT=$fingerprint
+  piccoloctl --endpoint $grpc_listen version
+  piccoloctl --endpoint https://$rest_listen ops list
+  curl -s --cacert $cert -H "authorization: Bearer \$PICCOLO_TOKEN" https://$rest_listen/api/v1/version
+  curl -sN --cacert $cert -H "authorization: Bearer \$PICCOLO_TOKEN" -X POST https://$rest_listen/api/v1/diagnostics -d '{"writeProbeMib": 256}'
 
 Press Ctrl-C to stop.
 MSG

@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { CheckStatus, HealthState } from "../gen/piccolo/system/v1/system.js";
+import { channelCredentials } from "../src/clients/grpc-client.js";
 import { ROOT, startTestDaemon, type TestDaemon } from "./helpers/daemon.js";
 
 let d: TestDaemon;
@@ -28,7 +29,7 @@ test("GetVersion answers the same over the unix socket, TCP, REST and raw HTTP",
   const unix = await d.grpcUnix().system.getVersion({});
   const tcp = await d.grpcTcp().system.getVersion({});
   const rest = await d.rest().system.getVersion();
-  const raw = (await (await fetch(`${d.endpoints.rest}/api/v1/version`)).json()) as Record<string, unknown>;
+  const raw = (await (await d.fetch("/api/v1/version")).json()) as Record<string, unknown>;
   expect(unix.nodeVersion).toBe(process.version);
   expect(unix.version).toMatch(/^\d+\.\d+\.\d+/);
   expect(unix.os?.id).not.toBe("");
@@ -70,7 +71,8 @@ test("grpc.health.v1 says SERVING for the server and each service", async () => 
   const proto = grpc.loadPackageDefinition(pkg) as unknown as {
     grpc: { health: { v1: { Health: new (t: string, c: grpc.ChannelCredentials) => grpc.Client & Record<string, Function> } } };
   };
-  const client = new proto.grpc.health.v1.Health(d.endpoints.grpc, grpc.credentials.createInsecure());
+  // Health checking is public: TLS, no token.
+  const client = new proto.grpc.health.v1.Health(d.endpoints.grpc, channelCredentials({ endpoint: d.endpoints.grpc, ca: d.certificate }));
   const check = (service: string) =>
     new Promise<{ status: string }>((resolve, reject) =>
       client["check"]!({ service }, (e: Error | null, r: { status: string }) => (e ? reject(e) : resolve(r))),
@@ -115,10 +117,10 @@ test("server reflection lists the services and serves their descriptors", async 
 });
 
 test("the REST gateway answers 404 JSON for an unknown route and 405 for a wrong method", async () => {
-  const r404 = await fetch(`${d.endpoints.rest}/api/v1/nope`);
+  const r404 = await d.fetch("/api/v1/nope");
   expect(r404.status).toBe(404);
   expect(await r404.json()).toMatchObject({ code: 5, message: expect.stringContaining("/api/v1/nope") });
-  const r405 = await fetch(`${d.endpoints.rest}/api/v1/version`, { method: "DELETE" });
+  const r405 = await d.fetch("/api/v1/version", { method: "DELETE" });
   expect(r405.status).toBe(405);
   expect(r405.headers.get("allow")).toBe("GET");
 });

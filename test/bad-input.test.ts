@@ -6,7 +6,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { fromBinary, type DescMethod, type DescService, type JsonValue } from "@bufbuild/protobuf";
-import { Agent, request as httpRequest } from "node:http";
+import { Agent, request as httpRequest } from "node:https";
 import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -55,7 +55,7 @@ interface ErrorBody {
 }
 
 async function rest(path: string, init: RequestInit = {}): Promise<{ status: number; body: ErrorBody }> {
-  const res = await fetch(`${d.endpoints.rest}${path}`, init);
+  const res = await d.fetch(path, init);
   const text = await res.text();
   expect(res.headers.get("content-type")).toBe("application/json");
   return { status: res.status, body: JSON.parse(text) as ErrorBody };
@@ -189,7 +189,7 @@ describe("REST: malformed requests are 4xx with code, message and the field at f
 
 describe("gRPC: a malformed protobuf frame", () => {
   test("is INVALID_ARGUMENT with a google.rpc.Status carrying ErrorInfo, on every method", async () => {
-    const client = new grpc.Client(d.endpoints.grpc, grpc.credentials.createInsecure());
+    const client = new grpc.Client(d.endpoints.grpc, d.channelCredentials());
     const id = (b: Buffer): Buffer => b;
     const frame = Buffer.from([0x0a, 0xff]); // field 1, length-delimited, length varint cut short
     try {
@@ -357,9 +357,9 @@ describe("fuzz", () => {
     const startedOps = new Set<string>();
     const stats = new Map<string, number>();
     const count = (k: string): void => void stats.set(k, (stats.get(k) ?? 0) + 1);
-    const agent = new Agent({ keepAlive: true, maxSockets: 64 });
+    const agent = new Agent({ keepAlive: true, maxSockets: 64, ca: d.certificate, checkServerIdentity: () => undefined });
     const grpcClients = [
-      new grpc.Client(d.endpoints.grpc, grpc.credentials.createInsecure()),
+      new grpc.Client(d.endpoints.grpc, d.channelCredentials()),
       new grpc.Client(`unix:${d.endpoints.socket}`, grpc.credentials.createInsecure()),
     ];
     const canceller = d.grpcUnix();
@@ -445,6 +445,7 @@ describe("fuzz", () => {
             method: binding.method,
             agent,
             headers: {
+              authorization: `Bearer ${d.adminToken}`,
               "content-type": "application/json",
               "content-length": body.length,
               accept: streaming && sse ? "text/event-stream" : "application/json",
@@ -653,7 +654,7 @@ describe("fuzz", () => {
     expect(() => process.kill(d.proc.pid!, 0)).not.toThrow();
     const health = await d.grpcTcp().system.getHealth({});
     expect(health.checks.length).toBeGreaterThan(0);
-    const restHealth = await fetch(`${d.endpoints.rest}/api/v1/health`);
+    const restHealth = await d.fetch("/api/v1/health", {}, { token: null });
     expect(restHealth.status).toBe(200);
     // Nothing it logged was an internal error or a crash.
     const bad = d
@@ -676,7 +677,7 @@ async function listServedServices(): Promise<string[]> {
   const proto = grpc.loadPackageDefinition(pkg) as unknown as {
     grpc: { health: { v1: { Health: new (t: string, c: grpc.ChannelCredentials) => grpc.Client & Record<string, Function> } } };
   };
-  const client = new proto.grpc.health.v1.Health(d.endpoints.grpc, grpc.credentials.createInsecure());
+  const client = new proto.grpc.health.v1.Health(d.endpoints.grpc, d.channelCredentials({ token: null }));
   const names: string[] = [];
   for (const t of apiRegistry) if (t.kind === "service") names.push(t.typeName);
   try {

@@ -39,10 +39,11 @@ interface Run {
   readonly stderr: string;
 }
 
+/** None of the caller's PICCOLO_* or NODE_OPTIONS; the test daemon's token and TLS fingerprint for TCP endpoints. */
 function cliEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = { ...process.env };
-  for (const k of ["PICCOLO_ENDPOINT", "PICCOLO_TOKEN", "NODE_OPTIONS"]) delete env[k];
-  return env;
+  for (const k of Object.keys(env)) if (k.startsWith("PICCOLO_") || k === "NODE_OPTIONS") delete env[k];
+  return { ...env, ...d.cliEnv() };
 }
 
 /** Runs piccoloctl; `onOutput` sees stdout and stderr as they grow, with the child (to signal it). */

@@ -22,11 +22,14 @@ interface Run {
   readonly stderr: string;
 }
 
-/** Environment of the CLI: none of the caller's PICCOLO_* or NODE_OPTIONS. */
+/**
+ * Environment of the CLI: none of the caller's PICCOLO_* or NODE_OPTIONS, and what a user of the
+ * TCP endpoints sets (PICCOLO_TOKEN, PICCOLO_TLS_FINGERPRINT from the test daemon).
+ */
 function cliEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { ...process.env, ...extra };
-  for (const k of ["PICCOLO_ENDPOINT", "PICCOLO_TOKEN", "NODE_OPTIONS"]) if (!(k in extra)) delete env[k];
-  return env;
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  for (const k of Object.keys(env)) if (k.startsWith("PICCOLO_") || k === "NODE_OPTIONS") delete env[k];
+  return { ...env, ...d.cliEnv(), ...extra };
 }
 
 /** Runs piccoloctl; `onStdout` sees stdout as it grows (to act while a stream is live). */

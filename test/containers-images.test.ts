@@ -79,7 +79,7 @@ beforeAll(async () => {
   d = await startTestDaemon({ extraArgs: ["--docker-socket", engine.socket, "--container-data-roots", dataRoot] });
   grpcClients = d.grpcUnix();
   api = createPromiseClient(grpcClients.channel, ContainerServiceService);
-  rest = new ContainerServiceRestClient(createRestTransport({ baseUrl: d.endpoints.rest }));
+  rest = new ContainerServiceRestClient(createRestTransport({ baseUrl: d.endpoints.rest, token: d.adminToken, fetch: d.pinnedFetch }));
 }, 180_000);
 
 afterAll(async () => {

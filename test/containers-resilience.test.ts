@@ -78,7 +78,7 @@ beforeAll(async () => {
   d = await startTestDaemon({ extraArgs: ["--docker-socket", engine.socket, "--container-data-roots", join(work, "data")] });
   clients = d.grpcUnix();
   api = createPromiseClient(clients.channel, ContainerServiceService);
-  rest = new ContainerServiceRestClient(createRestTransport({ baseUrl: d.endpoints.rest }));
+  rest = new ContainerServiceRestClient(createRestTransport({ baseUrl: d.endpoints.rest, token: d.adminToken, fetch: d.pinnedFetch }));
 }, 180_000);
 
 afterAll(async () => {
@@ -143,7 +143,7 @@ test("killing dockerd mid StreamLogs and WatchEvents ends both with UNAVAILABLE;
   expect(await dockerCheck()).toBe(CheckStatus.CHECK_STATUS_WARN);
   const list = await api.listContainers({ includeUnmanaged: true }).catch((e: grpc.ServiceError) => e);
   expect(list).toMatchObject({ code: grpc.status.UNAVAILABLE, details: expect.stringContaining(engine.socket) });
-  const r = await fetch(`${d.endpoints.rest}/api/v1/containers`);
+  const r = await d.fetch("/api/v1/containers");
   expect(r.status).toBe(503);
 
   // dockerd is back: the same calls work; the container (stopped by the engine's restart) is
@@ -207,7 +207,7 @@ test("an engine that is not there: UNAVAILABLE naming the socket over gRPC, 503 
     const e = (await c.listContainers({ includeUnmanaged: false }).catch((x: unknown) => x)) as grpc.ServiceError;
     expect(e.code).toBe(grpc.status.UNAVAILABLE);
     expect(e.details).toBe(`Docker engine at ${missing} is unavailable: no socket there (ENOENT)`);
-    const r = await fetch(`${lone.endpoints.rest}/api/v1/containers/anything`);
+    const r = await lone.fetch("/api/v1/containers/anything");
     expect(r.status).toBe(503);
     expect(((await r.json()) as { message: string }).message).toContain(missing);
     const events: OperationEvent[] = [];

@@ -51,7 +51,7 @@ beforeAll(async () => {
   await writeFile(join(dataRoot, "app/hello.txt"), "hello from the data root\n");
   d = await startTestDaemon({ extraArgs: ["--docker-socket", engine.socket, "--container-data-roots", dataRoot] });
   api = createPromiseClient(d.grpcUnix().channel, ContainerServiceService);
-  rest = new ContainerServiceRestClient(createRestTransport({ baseUrl: d.endpoints.rest }));
+  rest = new ContainerServiceRestClient(createRestTransport({ baseUrl: d.endpoints.rest, token: d.adminToken, fetch: d.pinnedFetch }));
 });
 
 afterAll(async () => {
@@ -274,7 +274,7 @@ describe("life cycle", () => {
     expect(lines.some((e) => e.stream === LogStream.LOG_STREAM_STDOUT && e.line.startsWith("out "))).toBe(true);
     expect(lines.some((e) => e.stream === LogStream.LOG_STREAM_STDERR && e.line.startsWith("err "))).toBe(true);
     // The same stream as raw NDJSON, the way curl sees it.
-    const raw = await (await fetch(`${d.endpoints.rest}/api/v1/containers/life-rest/logs?tail=2`)).text();
+    const raw = await (await d.fetch("/api/v1/containers/life-rest/logs?tail=2")).text();
     const frames = raw.trim().split("\n").map((l) => JSON.parse(l));
     expect(frames.map((f) => f.result.stream).sort()).toEqual(["LOG_STREAM_STDERR", "LOG_STREAM_STDOUT"]);
     // since: only what was written after that moment (a Timestamp in the query string).
@@ -299,7 +299,7 @@ describe("life cycle", () => {
     expect((await inspect("life-rest")).State.Running).toBe(false);
     await rest.removeContainer({ name: "life-rest" });
     expect((await engine.ps()).map((c) => c["Names"])).not.toContain("life-rest");
-    const res = await fetch(`${d.endpoints.rest}/api/v1/containers/life-rest`);
+    const res = await d.fetch("/api/v1/containers/life-rest");
     expect(res.status).toBe(404);
     expect(((await res.json()) as { message: string }).message).toContain("life-rest");
   });
@@ -378,7 +378,7 @@ describe("the engine's errors, mapped", () => {
     }
     expect(await psSnapshot()).toEqual(before);
     // Over REST the same error is HTTP 412.
-    const r = await fetch(`${d.endpoints.rest}/api/v1/containers`, {
+    const r = await d.fetch("/api/v1/containers", {
       method: "POST",
       body: JSON.stringify({ name: "no-image", image: "piccolo-test/absent:9", command: ["true"] }),
     });
@@ -473,7 +473,7 @@ describe("refused specs", () => {
   });
 
   test("refusals over REST are HTTP 400 with the field in the body", async () => {
-    const r = await fetch(`${d.endpoints.rest}/api/v1/containers`, { method: "POST", body: JSON.stringify({ name: "refused", image: IMAGE, privileged: true }) });
+    const r = await d.fetch("/api/v1/containers", { method: "POST", body: JSON.stringify({ name: "refused", image: IMAGE, privileged: true }) });
     expect(r.status).toBe(400);
     const body = (await r.json()) as { code: number; message: string; details: { metadata?: { field?: string } }[] };
     expect(body.code).toBe(3);
@@ -568,7 +568,7 @@ describe("images", () => {
     expect((await engine.images()).map((i) => `${i["Repository"]}:${i["Tag"]}`)).not.toContain("piccolo-test/in-use:1");
     const nf = await failure(api.removeImage({ reference: "piccolo-test/in-use:1", force: false }));
     expect(nf.code).toBe(grpc.status.NOT_FOUND);
-    const restDel = await fetch(`${d.endpoints.rest}/api/v1/images/piccolo-test/in-use:1`, { method: "DELETE" });
+    const restDel = await d.fetch("/api/v1/images/piccolo-test/in-use:1", { method: "DELETE" });
     expect(restDel.status).toBe(404);
   });
 });

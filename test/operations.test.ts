@@ -18,7 +18,6 @@ import {
 } from "../gen/piccolo/operations/v1/operations.js";
 import { RunDiagnosticsResult } from "../gen/piccolo/system/v1/system.js";
 import { createGrpcClients, type PiccoloGrpcClients } from "../src/clients/grpc-client.js";
-import { createRestClients } from "../src/clients/rest-clients.js";
 import { RestError } from "../src/clients/rest-transport.js";
 import { watchOperation, type OpenWatch } from "../src/clients/watch.js";
 import { startTestDaemon, type TestDaemon } from "./helpers/daemon.js";
@@ -174,7 +173,7 @@ describe("one daemon: watchers, re-attach, cancel, list", () => {
       watchers.push({ name: `rest-ndjson-${i}`, rec: new Recorder(d.rest().operations.watchOperation({ id, afterSequence: 0 })) });
     }
     for (let i = 0; i < 25; i++) {
-      const sse = createRestClients({ baseUrl: d.endpoints.rest, sse: true });
+      const sse = d.rest({ sse: true });
       watchers.push({ name: `rest-sse-${i}`, rec: new Recorder(sse.operations.watchOperation({ id, afterSequence: 0 })) });
     }
     expect(watchers).toHaveLength(100);
@@ -396,7 +395,7 @@ describe("one daemon: watchers, re-attach, cancel, list", () => {
       const out: string[] = [];
       let token = "";
       for (let guard = 0; guard < 1000; guard++) {
-        const res = await fetch(`${d.endpoints.rest}/api/v1/operations?pageSize=1${query}${token ? `&pageToken=${encodeURIComponent(token)}` : ""}`);
+        const res = await d.fetch(`/api/v1/operations?pageSize=1${query}${token ? `&pageToken=${encodeURIComponent(token)}` : ""}`);
         expect(res.status).toBe(200);
         const body = (await res.json()) as { operations?: { id: string }[]; nextPageToken?: string };
         out.push(...(body.operations ?? []).map((o) => o.id));
@@ -454,7 +453,7 @@ describe("kill -9 mid-operation", () => {
     );
     const restFollow = new Recorder(
       watchOperation(
-        (opId, after, signal) => createRestClients({ baseUrl: d.endpoints.rest }).operations.watchOperation({ id: opId, afterSequence: after }, { signal }),
+        (opId, after, signal) => d.rest().operations.watchOperation({ id: opId, afterSequence: after }, { signal }),
         id,
         { onReconnect: () => restReconnects++ },
       ),

@@ -10,12 +10,14 @@ pass() { echo "PICCOLO-CHECK PASS $1 ${2:-}"; }
 fail() { echo "PICCOLO-CHECK FAIL $1 ${2:-}"; failures=$((failures + 1)); }
 check() { local name=$1; shift; if out=$("$@" 2>&1); then pass "$name" "$(echo "$out" | tail -1)"; else fail "$name" "$(echo "$out" | tail -3 | tr '\n' ' ')"; fi; }
 # Under TCG emulation everything is 10-50x slower than on hardware: generous timeouts.
-api() { curl -fsS --max-time 60 "http://127.0.0.1:8080$1"; }
-# wait_api SECONDS: until the API answers, or SECONDS pass.
+# The REST gateway is HTTPS with the daemon's own certificate, and wants a token (docs/auth.md).
+cert=/var/lib/piccolod/tls/cert.pem
+api() { curl -fsS --max-time 60 --cacert "$cert" -H "authorization: Bearer $(piccoloctl auth token --role reader --ttl 10m)" "https://127.0.0.1:8080$1"; }
+# wait_api SECONDS: until the API answers (the public health RPC), or SECONDS pass.
 wait_api() {
   local end=$((SECONDS + ${1:-120}))
   while [ $SECONDS -lt "$end" ]; do
-    curl -fsS --max-time 10 http://127.0.0.1:8080/api/v1/version >/dev/null 2>&1 && return 0
+    curl -fsS --max-time 10 --cacert "$cert" https://127.0.0.1:8080/api/v1/health >/dev/null 2>&1 && return 0
     sleep 0.5
   done
   return 1
@@ -54,8 +56,10 @@ if wait_api 300; then pass api_up "answering $((SECONDS - t0)) s after the check
 check piccolod_active systemctl is-active piccolod.service
 pid=$(main_pid)
 check runs_as_root sh -c "test \"\$(ps -o user= -p $pid | tr -d ' ')\" = root && echo 'user root, pid $pid'"
-check api_version sh -c "curl -fsS --max-time 60 http://127.0.0.1:8080/api/v1/version | grep -o '\"version\":\"[^\"]*\"'"
-check tpm_seen sh -c 'curl -fsS --max-time 60 http://127.0.0.1:8080/api/v1/health | grep -o "\"name\":\"tpm_device\",\"status\":\"CHECK_STATUS_PASS\""'
+check api_version sh -c "curl -fsS --max-time 60 --cacert $cert -H \"authorization: Bearer \$(piccoloctl auth token --role reader --ttl 10m)\" https://127.0.0.1:8080/api/v1/version | grep -o '\"version\":\"[^\"]*\"'"
+check api_refuses_without_token sh -c "test \"\$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 --cacert $cert https://127.0.0.1:8080/api/v1/version)\" = 401 && echo 401"
+check auth_keys_sealed_to_tpm sh -c 'grep -q "\"sealedWith\":\"tpm2\"" /var/lib/piccolod/credstore.meta/auth-keys.json && piccoloctl auth whoami | grep "^keys"'
+check tpm_seen sh -c 'curl -fsS --max-time 60 --cacert '"$cert"' https://127.0.0.1:8080/api/v1/health | grep -o "\"name\":\"tpm_device\",\"status\":\"CHECK_STATUS_PASS\""'
 
 # 2. kill -9: systemd restarts it within 5 s (a new main process), and the API answers again
 #    (how long that takes under emulation is reported, not bounded: Node starts 10-50x slower here).

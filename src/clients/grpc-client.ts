@@ -1,9 +1,10 @@
 /**
  * Typed gRPC clients for piccolod over a unix socket or TCP: promise-returning unary methods and
  * async-iterable server streams, typed from the ts-proto service definitions, with deadlines and
- * a bearer token.
+ * a bearer token. TCP is TLS, pinned to the daemon's own certificate (see tls.ts).
  */
 import * as grpc from "@grpc/grpc-js";
+import { AuthServiceService } from "../../gen/piccolo/auth/v1/auth.js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installer.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
@@ -11,6 +12,7 @@ import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
 import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
 import { UpdateServiceService } from "../../gen/piccolo/update/v1/update.js";
+import { pemFingerprint, pinnedIdentity } from "./tls.js";
 
 /** The shape of a ts-proto grpc-js service definition entry. */
 interface DefEntry {
@@ -50,6 +52,22 @@ export interface GrpcClientOptions {
   readonly token?: string;
   /** Default deadline of unary calls in ms (streams have none unless given per call). Default 30 s. */
   readonly timeoutMs?: number;
+  /**
+   * TCP: the daemon's TLS certificate (PEM) to trust; only that certificate is accepted (see
+   * resolveTrust() in tls.ts to get it from a fingerprint).
+   */
+  readonly ca?: string;
+  /** TCP: the SHA-256 fingerprint the certificate must have (defaults to that of `ca`). */
+  readonly fingerprint?: string;
+  /** TCP without TLS, for a daemon run with the development switch insecurePlaintext. */
+  readonly plaintext?: boolean;
+}
+
+/** The channel credentials for an endpoint: none on a unix socket or with `plaintext`, else TLS pinned to `ca`. */
+export function channelCredentials(options: Pick<GrpcClientOptions, "endpoint" | "ca" | "fingerprint" | "plaintext">): grpc.ChannelCredentials {
+  if (grpcTarget(options.endpoint).startsWith("unix:") || options.plaintext) return grpc.credentials.createInsecure();
+  const fp = options.fingerprint ?? (options.ca ? pemFingerprint(options.ca) : undefined);
+  return grpc.credentials.createSsl(options.ca ? Buffer.from(options.ca) : null, null, null, fp ? { checkServerIdentity: pinnedIdentity(fp) } : {});
 }
 
 /** Cancels the call when the signal aborts, at once if it already has. */
@@ -125,6 +143,7 @@ export function createPromiseClient<D extends Record<string, DefEntry>>(
 
 /** The clients for every piccolod service, sharing one channel. */
 export interface PiccoloGrpcClients {
+  readonly auth: PromiseClient<typeof AuthServiceService>;
   readonly system: PromiseClient<typeof SystemServiceService>;
   readonly operations: PromiseClient<typeof OperationsServiceService>;
   readonly containers: PromiseClient<typeof ContainerServiceService>;
@@ -139,10 +158,16 @@ export interface PiccoloGrpcClients {
 
 /** Connects to piccolod. Nothing is sent until the first call. */
 export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClients {
-  const channel = new grpc.Client(grpcTarget(options.endpoint), grpc.credentials.createInsecure(), {
+  const target = grpcTarget(options.endpoint);
+  const tls = !target.startsWith("unix:") && !options.plaintext;
+  const channel = new grpc.Client(target, channelCredentials(options), {
     "grpc.max_receive_message_length": 16 * 1024 * 1024,
+    // The certificate is pinned, so the name checked does not matter; an IP address as TLS
+    // server name (SNI) is not allowed (RFC 6066) and makes Node warn.
+    ...(tls && /^(\[[^\]]*\]|[\d.]+):\d+$/.test(target) ? { "grpc.ssl_target_name_override": "localhost" } : {}),
   });
   return {
+    auth: createPromiseClient(channel, AuthServiceService, options),
     system: createPromiseClient(channel, SystemServiceService, options),
     operations: createPromiseClient(channel, OperationsServiceService, options),
     containers: createPromiseClient(channel, ContainerServiceService, options),

@@ -1,4 +1,5 @@
 /** All generated REST clients over one transport. */
+import { AuthServiceRestClient } from "../../gen/piccolo/auth/v1/auth_rest.js";
 import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
 import { InstallerServiceRestClient } from "../../gen/piccolo/installer/v1/installer_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
@@ -10,6 +11,7 @@ import { createRestTransport, type RestTransportOptions } from "./rest-transport
 
 /** The REST clients for every piccolod service. */
 export interface PiccoloRestClients {
+  readonly auth: AuthServiceRestClient;
   readonly system: SystemServiceRestClient;
   readonly operations: OperationsServiceRestClient;
   readonly containers: ContainerServiceRestClient;
@@ -23,6 +25,7 @@ export interface PiccoloRestClients {
 export function createRestClients(options: RestTransportOptions): PiccoloRestClients {
   const t = createRestTransport(options);
   return {
+    auth: new AuthServiceRestClient(t),
     system: new SystemServiceRestClient(t),
     operations: new OperationsServiceRestClient(t),
     containers: new ContainerServiceRestClient(t),

@@ -20,6 +20,12 @@ export interface AuditRecord {
   readonly target: string;
   /** "OK" or the gRPC code name. */
   readonly result: string;
+  /** Who, as authenticated: the token's subject ("root" on the unix socket). */
+  readonly subject?: string;
+  /** The caller's token id, when it sent one. */
+  readonly tokenId?: string;
+  /** The machine-readable reason of a failure (google.rpc.ErrorInfo reason), e.g. "TOKEN_EXPIRED". */
+  readonly reason?: string;
   /** Error message when the call failed. */
   readonly error?: string;
   /** The operation the call started, when it started one. */

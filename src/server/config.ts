@@ -21,7 +21,7 @@ export const ConfigSchema = z
     runtimeDir: absPath.default("/run/piccolod"),
     /** gRPC unix socket path ("" disables it); defaults to <runtimeDir>/piccolod.sock. */
     socketPath: z.string().optional(),
-    /** gRPC TCP listener, "host:port"; "" disables it. Loopback until the API has authentication. */
+    /** gRPC TCP listener, "host:port"; "" disables it. TLS, and every call needs a token (docs/auth.md). */
     grpcListen: listenAddress.default("127.0.0.1:50051"),
     /** REST gateway listener, "host:port"; "" disables it. */
     restListen: listenAddress.default("127.0.0.1:8080"),
@@ -101,6 +101,25 @@ export const ConfigSchema = z
     installerKeyrings: z.array(absPath).default(["/usr/share/piccolo/keys/piccolo-release.gpg"]),
     /** Installer: smallest disk offered as a target, in bytes (Flatcar needs about 8 GiB). */
     installerMinDiskBytes: z.number().int().min(0).default(8 * 1024 ** 3),
+    /**
+     * How the API's private keys (token signing, TLS) are kept: "sealed" with systemd-creds (the
+     * TPM, or the host key without one), or "file" (mode 0600, for a daemon that cannot seal).
+     */
+    keyProtection: z.enum(["sealed", "file"]).default("sealed"),
+    /** Extra DNS names and IP addresses for the self-signed TLS certificate. */
+    tlsAltNames: z.array(z.string().regex(/^[A-Za-z0-9.:*-]+$/, { message: "expected a DNS name or an IP address" })).default([]),
+    /** Development only: TCP listeners speak plaintext instead of TLS. Refused unless they are on loopback. */
+    insecurePlaintext: z.boolean().default(false),
+    /** Development only: TCP callers need no token (everyone is ADMIN). Refused unless the listeners are on loopback. */
+    authDisabled: z.boolean().default(false),
+    /** Longest lifetime of a token, in seconds. */
+    tokenMaxTtlSeconds: z.number().int().min(1).max(10 * 366 * 86400).default(90 * 86400),
+    /** Lifetime of a Login token when the request gives none, in seconds. */
+    loginTokenTtlSeconds: z.number().int().min(1).max(10 * 366 * 86400).default(3600),
+    /** Wrong passwords in a row that lock a user. */
+    loginMaxFailures: z.number().int().min(1).max(1000).default(10),
+    /** How long a locked user stays locked, in seconds. */
+    loginLockSeconds: z.number().int().min(1).max(30 * 86400).default(900),
   })
   .strict();
 
@@ -240,6 +259,18 @@ export function loadConfig(sources: ConfigSources = {}): Config {
         for (const k of issue.keys) problems.push(`unknown key ${k}${origin[k] ? ` (from ${origin[k]})` : ""}`);
       } else {
         problems.push(`${issue.path.join(".") || "(root)"}${where}: ${issue.message}`);
+      }
+    }
+  }
+  if (result.success) {
+    // The development switches are refused beyond loopback: there they would hand the host to anyone.
+    for (const k of ["insecurePlaintext", "authDisabled"] as const) {
+      if (!result.data[k]) continue;
+      for (const l of [result.data.grpcListen, result.data.restListen]) {
+        const host = l ? parseListen(l)?.host : undefined;
+        if (host !== undefined && !["127.0.0.1", "::1", "localhost"].includes(host)) {
+          problems.push(`${k}${origin[k] ? ` (from ${origin[k]})` : ""}: only allowed while grpcListen and restListen are on loopback; ${l} is not`);
+        }
       }
     }
   }

@@ -5,12 +5,15 @@
 import { chmod, mkdir, rm, writeFile, rename } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import pino, { type Logger } from "pino";
+import { AuthServiceService } from "../../gen/piccolo/auth/v1/auth.js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
+import { Role } from "../../gen/piccolo/common/v1/access.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
 import { UpdateServiceService } from "../../gen/piccolo/update/v1/update.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
+import { createAuth, loadAuthState } from "./auth/index.js";
 import { parseListen, type Config } from "./config.js";
 import { createDockerEngine } from "./containers/docker.js";
 import { buildKind, importKind, pullKind } from "./containers/images.js";
@@ -49,8 +52,10 @@ export interface Endpoints {
   readonly socket: string;
   /** gRPC TCP "host:port", or "". */
   readonly grpc: string;
-  /** REST base URL, or "". */
+  /** REST base URL (https:// unless insecurePlaintext), or "". */
   readonly rest: string;
+  /** SHA-256 fingerprint of the TCP listeners' TLS certificate; "" without TLS. */
+  readonly tlsFingerprint: string;
   readonly pid: number;
 }
 
@@ -127,6 +132,9 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     tpm2Device: config.tpm2Device,
     tpmDevices: config.tpmDevices,
   });
+  // The API keys are unsealed by a child process: let that run while the rest starts.
+  const authState = loadAuthState({ config, credentials, log: log.child({ area: "auth" }) });
+  authState.catch(() => undefined); // awaited (and reported) below
 
   // Trust: TPM identity, registration with Piccolo central, the device token (trust.deviceToken()).
   const trust: TrustManager = createTrustManager({
@@ -199,6 +207,13 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   await update.init();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
+  let auth;
+  try {
+    auth = createAuth({ config, state: await authState, audit, log: log.child({ area: "auth" }) });
+  } catch (e) {
+    await audit.close();
+    throw new StartupCheckError(`authentication cannot start: ${(e as Error).message}`);
+  }
   const registry = createMethodRegistry();
   registry.add(SystemServiceService, createSystemService({ health, ops, osReleaseFiles: config.osReleaseFiles }), "system");
   registry.add(OperationsServiceService, createOperationsService(ops), "operations");
@@ -224,10 +239,23 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   registry.add(TrustServiceService, createTrustService({ trust, ops }), "trust");
   registry.add(UpdateServiceService, createUpdateService({ update, ops }), "update");
   registry.add(InstallerServiceService, createInstallerService({ installer, ops }), "installer");
-  const interceptors = [loggingInterceptor, auditInterceptor(audit)];
+  registry.add(AuthServiceService, auth.service, "auth");
+  const interceptors = [auth.gate.interceptor, loggingInterceptor, auditInterceptor(audit)];
 
-  const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);
-  const gateway: Gateway = createGateway(registry, interceptors, log.child({ area: "gateway" }));
+  const gate = auth.gate;
+  const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log, {
+    authenticate: gate.authenticate,
+    reflectionGuard: async (c) => {
+      await gate.authorize({
+        method: "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        need: Role.ROLE_READER,
+        transport: c.transport,
+        actor: c.actor,
+        authorization: c.metadata["authorization"],
+      });
+    },
+  });
+  const gateway: Gateway = createGateway(registry, interceptors, log.child({ area: "gateway" }), { tls: auth.tls, authenticate: gate.authenticate });
   let socket = "";
   let grpcAddr = "";
   let rest = "";
@@ -241,27 +269,21 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     }
     if (config.grpcListen) {
       const l = parseListen(config.grpcListen)!;
-      const port = await grpcServer.bind(`${l.host.includes(":") ? `[${l.host}]` : l.host}:${l.port}`);
+      const port = await grpcServer.bind(`${l.host.includes(":") ? `[${l.host}]` : l.host}:${l.port}`, auth.tls);
       grpcAddr = `${l.host.includes(":") ? `[${l.host}]` : l.host}:${port}`;
     }
     if (config.restListen) {
       const l = parseListen(config.restListen)!;
       const port = await gateway.listen(l.host, l.port);
-      rest = `http://${l.host.includes(":") ? `[${l.host}]` : l.host}:${port}`;
+      rest = `${auth.tls ? "https" : "http"}://${l.host.includes(":") ? `[${l.host}]` : l.host}:${port}`;
     }
   } catch (e) {
-    grpcServer.server.forceShutdown();
+    for (const s of grpcServer.servers) s.forceShutdown();
     await gateway.close();
     await audit.close();
     throw new StartupCheckError(`cannot listen: ${(e as Error).message}`);
   }
-  for (const l of [config.grpcListen, config.restListen]) {
-    const p = l ? parseListen(l) : undefined;
-    if (p && !["127.0.0.1", "::1", "localhost"].includes(p.host)) {
-      log.warn({ listen: l }, "listening beyond loopback without authentication; anyone who can reach this address controls the host");
-    }
-  }
-  const endpoints: Endpoints = { socket, grpc: grpcAddr, rest, pid: process.pid };
+  const endpoints: Endpoints = { socket, grpc: grpcAddr, rest, tlsFingerprint: auth.tls ? auth.keys.fingerprint : "", pid: process.pid };
   await writeAtomic(join(config.runtimeDir, "endpoints.json"), JSON.stringify(endpoints) + "\n");
 
   let stopped: Promise<void> | undefined;

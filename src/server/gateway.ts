@@ -4,9 +4,11 @@
  * hand-kept route table), proto3 JSON in and out, errors as {code, message, details} with the
  * status from the shared error table, and server streams as newline-delimited JSON
  * ({"result": …} per message, {"error": …} to end on failure) or, with
- * `Accept: text/event-stream`, as Server-Sent Events.
+ * `Accept: text/event-stream`, as Server-Sent Events. Over HTTPS with the daemon's certificate
+ * unless the development switch insecurePlaintext is on.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { createServer as createTlsServer, type Server as TlsServer } from "node:https";
 import { ScalarType, type DescField, type DescMessage, type JsonObject, type JsonValue } from "@bufbuild/protobuf";
 import type { Logger } from "pino";
 import { Status } from "../../gen/google/rpc/status.js";
@@ -27,7 +29,7 @@ const MAX_BODY = 4 * 1024 * 1024;
 
 /** The running gateway. */
 export interface Gateway {
-  readonly server: Server;
+  readonly server: Server | TlsServer;
   /** Every route, for listings and tests. */
   readonly routes: readonly { method: string; pattern: string; rpc: string }[];
   listen(host: string, port: number): Promise<number>;
@@ -173,8 +175,16 @@ const errorJson = (err: unknown): { http: number; json: JsonValue } => {
   return { http: st.httpStatus, json: binaryToJson("google.rpc.Status", Status.encode(st.status).finish()) };
 };
 
+/** Options of createGateway. */
+export interface GatewayOptions {
+  /** Serve HTTPS with this key and certificate (PEM); plain HTTP without. */
+  readonly tls?: { readonly key: string; readonly cert: string };
+  /** Authenticates a call before its request is read (sets ctx.principal or throws the denial). */
+  readonly authenticate?: (ctx: CallContext) => Promise<void> | undefined;
+}
+
 /** Creates the gateway for the registered methods. */
-export function createGateway(registry: MethodRegistry, interceptors: readonly Interceptor[], log: Logger): Gateway {
+export function createGateway(registry: MethodRegistry, interceptors: readonly Interceptor[], log: Logger, options: GatewayOptions = {}): Gateway {
   const routes = buildRoutes(registry);
   const logOf = areaLoggers(log);
 
@@ -229,6 +239,14 @@ export function createGateway(registry: MethodRegistry, interceptors: readonly I
     const sse = (req.headers.accept ?? "").includes("text/event-stream");
     let started = false;
     try {
+      if (options.authenticate) {
+        try {
+          await options.authenticate(ctx);
+        } catch (e) {
+          req.resume();
+          throw e;
+        }
+      }
       const json = await buildRequestJson(route, vars, url, req);
       let bytes: Uint8Array;
       try {
@@ -285,6 +303,7 @@ export function createGateway(registry: MethodRegistry, interceptors: readonly I
       if (ac.signal.aborted && res.destroyed) return;
       const { http, json } = errorJson(err);
       if (!started) {
+        if (http === 401) res.setHeader("www-authenticate", 'Bearer realm="piccolod"');
         sendJson(res, http, json);
       } else {
         const payload = JSON.stringify({ error: json });
@@ -293,13 +312,16 @@ export function createGateway(registry: MethodRegistry, interceptors: readonly I
     }
   };
 
-  const server = createServer({ keepAliveTimeout: 65_000 }, (req, res) => {
+  const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
     handle(req, res).catch((err: unknown) => {
       log.error({ err: (err as Error).message }, "gateway failure");
       if (!res.headersSent) sendJson(res, 500, { code: 13, message: "internal gateway error", details: [] });
       else res.destroy();
     });
-  });
+  };
+  const server = options.tls
+    ? createTlsServer({ keepAliveTimeout: 65_000, key: options.tls.key, cert: options.tls.cert }, onRequest)
+    : createServer({ keepAliveTimeout: 65_000 }, onRequest);
   server.on("clientError", (_err, socket) => {
     if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n");
     else socket.destroy();

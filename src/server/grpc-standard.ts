@@ -95,8 +95,17 @@ function reflectionIndex(): {
   return { files, symbols, extensions };
 }
 
-/** Adds server reflection (v1 and v1alpha) for `services` to a server. */
-export function addReflection(server: grpc.Server, services: readonly string[]): void {
+/**
+ * Adds server reflection (v1 and v1alpha) for `services` to a server. `guard`, when given, is
+ * asked once per stream before anything is answered; when it throws, the stream ends with
+ * `toError(err)`.
+ */
+export function addReflection(
+  server: grpc.Server,
+  services: readonly string[],
+  guard?: (call: grpc.ServerDuplexStream<ServerReflectionRequest, ServerReflectionResponse>) => Promise<void>,
+  toError: (err: unknown) => Partial<grpc.StatusObject> = (err) => ({ code: grpc.status.PERMISSION_DENIED, details: String(err) }),
+): void {
   let index: ReturnType<typeof reflectionIndex> | undefined;
   const withDeps = (name: string): Uint8Array[] => {
     const out: Uint8Array[] = [];
@@ -144,9 +153,18 @@ export function addReflection(server: grpc.Server, services: readonly string[]):
     return { ...base, errorResponse: { errorCode: grpc.status.INVALID_ARGUMENT, errorMessage: "empty reflection request" } };
   };
   const handler = (call: grpc.ServerDuplexStream<ServerReflectionRequest, ServerReflectionResponse>): void => {
-    call.on("data", (req: ServerReflectionRequest) => call.write(answer(req)));
-    call.on("end", () => call.end());
     call.on("error", () => undefined);
+    const allowed = guard
+      ? guard(call).then(
+          () => true,
+          (err: unknown) => {
+            call.emit("error", toError(err));
+            return false;
+          },
+        )
+      : Promise.resolve(true);
+    call.on("data", (req: ServerReflectionRequest) => void allowed.then((ok) => ok && call.write(answer(req))));
+    call.on("end", () => void allowed.then((ok) => ok && call.end()));
   };
   const v1 = ServerReflectionService.serverReflectionInfo;
   server.addService({ serverReflectionInfo: v1 } as unknown as grpc.ServiceDefinition, { serverReflectionInfo: handler });

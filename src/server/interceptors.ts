@@ -1,7 +1,10 @@
-/** The interceptors every call goes through, gRPC and REST alike: logging, then audit. */
+/**
+ * The interceptors every call goes through, gRPC and REST alike: the auth gate (auth/gate.ts)
+ * first, then logging, then audit.
+ */
 import { status as GrpcStatus } from "@grpc/grpc-js";
 import type { AuditLog } from "./audit.js";
-import { toRpcStatus } from "./errors.js";
+import { toPiccoloError, toRpcStatus } from "./errors.js";
 import type { Interceptor } from "./rpc.js";
 import { readHttpBindings, compilePathTemplate } from "../common/http-rule.js";
 import { apiRegistry } from "../common/proto-registry.js";
@@ -38,7 +41,7 @@ export const loggingInterceptor: Interceptor = async (call, next) => {
 const ms = (t0: number): number => Math.round((performance.now() - t0) * 1000) / 1000;
 
 const targetFieldsCache = new Map<string, string[]>();
-const TARGET_FIELDS = ["name", "spec.name", "reference", "path", "id"];
+const TARGET_FIELDS = ["name", "spec.name", "reference", "path", "id", "username"];
 
 /** The request fields that name what a method acts on: the variables of its HTTP path. */
 function targetFields(path: string, service: string, name: string): string[] {
@@ -88,13 +91,17 @@ export function auditInterceptor(audit: AuditLog): Interceptor {
       })
       .join(",");
     const st = error === undefined ? undefined : toRpcStatus(error);
+    const reason = error === undefined ? undefined : toPiccoloError(error).reason;
     await audit.write({
       time: new Date().toISOString(),
       actor: ctx.actor,
+      ...(ctx.principal ? { subject: ctx.principal.subject } : {}),
+      ...(ctx.principal?.token ? { tokenId: ctx.principal.token.id } : {}),
       method: `${ctx.method.service}/${ctx.method.name}`,
       transport: ctx.transport,
       target,
       result: st ? codeName(st.code) : "OK",
+      ...(reason ? { reason } : {}),
       ...(st ? { error: st.message } : {}),
       ...(ctx.startedOperation ? { operationId: ctx.startedOperation.id } : {}),
     });

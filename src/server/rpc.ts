@@ -25,6 +25,11 @@ export interface CallContext {
   readonly metadata: Readonly<Record<string, string>>;
   /** A child logger of the method's area. */
   readonly log: Logger;
+  /**
+   * Who is calling, set by the auth gate before the handler runs: the role, the token's subject
+   * ("root" on the unix socket) and the token.
+   */
+  principal?: { readonly role: number; readonly subject: string; readonly token?: { readonly id: string } };
   /** Set by a handler that started an operation, so the audit record names it. */
   startedOperation?: { readonly id: string };
 }

@@ -1,8 +1,21 @@
 /**
  * One small client surface for the CLI over either transport: gRPC (unix socket or host:port)
  * through the typed promise clients, or REST (http://host:port) through the generated REST
- * clients. Deadlines come from --timeout.
+ * clients. Deadlines come from --timeout. TCP endpoints are TLS, pinned to the daemon's own
+ * certificate, with a bearer token (resolveApiOptions() says where each comes from).
  */
+import { readFile } from "node:fs/promises";
+import type {
+  CreateTokenRequest,
+  CreateTokenResponse,
+  GetAuthInfoResponse,
+  ListTokensResponse,
+  LoginRequest,
+  LoginResponse,
+  RevokeTokenResponse,
+  SetPasswordRequest,
+  SetPasswordResponse,
+} from "../../../gen/piccolo/auth/v1/auth.js";
 import type {
   ListOperationsRequest,
   ListOperationsResponse,
@@ -47,6 +60,7 @@ import type {
 } from "../../../gen/piccolo/tasks/v1/tasks.js";
 import { createGrpcClients, grpcTarget } from "../grpc-client.js";
 import { createRestClients } from "../rest-clients.js";
+import { createPinnedFetch, resolveTrust } from "../tls.js";
 import type { OpenWatch } from "../watch.js";
 import { UsageError } from "./errors.js";
 import { grpcUpdateApi, restUpdateApi, type UpdateApi } from "./update-api.js";
@@ -62,6 +76,91 @@ export interface ApiOptions {
   readonly token?: string;
   /** Deadline of each call in ms; unary calls default to 30 s, streams to none. 0 for none. */
   readonly timeoutMs?: number;
+  /** TCP with TLS: the daemon's certificate (PEM) to pin. */
+  readonly ca?: string;
+  /** Its SHA-256 fingerprint (defaults to that of `ca`). */
+  readonly fingerprint?: string;
+  /** gRPC over TCP without TLS (a daemon with the development switch insecurePlaintext). */
+  readonly plaintext?: boolean;
+}
+
+/** Where the daemon keeps its TLS certificate on its own host (readable by root). */
+export const DEFAULT_CERT_FILE = "/var/lib/piccolod/tls/cert.pem";
+
+/** What the command line and environment say about reaching the daemon. */
+export interface ConnectionFlags {
+  readonly endpoint: string;
+  /** --token / $PICCOLO_TOKEN. */
+  readonly token?: string;
+  /** --token-file / $PICCOLO_TOKEN_FILE: a file holding the token. */
+  readonly tokenFile?: string;
+  /** --tls-fingerprint / $PICCOLO_TLS_FINGERPRINT. */
+  readonly tlsFingerprint?: string;
+  /** --tls-ca / $PICCOLO_TLS_CA: the daemon's certificate (PEM file). */
+  readonly tlsCa?: string;
+  /** --plaintext / $PICCOLO_PLAINTEXT=1. */
+  readonly plaintext?: boolean;
+  readonly timeout?: number;
+}
+
+/**
+ * Resolves how to connect: the token (flag, then file); for TCP, the certificate to pin from
+ * --tls-ca, or fetched from the daemon and checked against --tls-fingerprint, or the daemon's
+ * own certificate file when it runs on this host. The unix socket needs neither.
+ */
+export async function resolveApiOptions(f: ConnectionFlags, defaultCertFile = DEFAULT_CERT_FILE): Promise<ApiOptions> {
+  validateEndpoint(f.endpoint);
+  let token = f.token || undefined;
+  if (!token && f.tokenFile) {
+    try {
+      token = (await readFile(f.tokenFile, "utf8")).trim();
+    } catch (e) {
+      throw new UsageError(`--token-file ${f.tokenFile}: ${(e as Error).message}`);
+    }
+  }
+  const base = { endpoint: f.endpoint, token, timeoutMs: f.timeout };
+  const rest = isRestEndpoint(f.endpoint);
+  if (!rest && grpcTarget(f.endpoint).startsWith("unix:")) return base;
+  if (rest ? /^http:/i.test(f.endpoint) : f.plaintext) return { ...base, plaintext: true };
+  let ca: string | undefined;
+  if (f.tlsCa) {
+    try {
+      ca = await readFile(f.tlsCa, "utf8");
+    } catch (e) {
+      throw new UsageError(`--tls-ca ${f.tlsCa}: ${(e as Error).message}`);
+    }
+  } else if (!f.tlsFingerprint) {
+    ca = await readFile(defaultCertFile, "utf8").catch(() => undefined);
+    if (ca === undefined) {
+      throw new UsageError(
+        `cannot trust the TLS certificate of ${f.endpoint}: pass --tls-fingerprint (or $PICCOLO_TLS_FINGERPRINT) with the fingerprint ` +
+          "`piccoloctl auth fingerprint` shows on the daemon's host, or --tls-ca with its certificate file",
+      );
+    }
+  }
+  let trust;
+  try {
+    trust = await resolveTrust(f.endpoint, { ca, fingerprint: f.tlsFingerprint });
+  } catch (e) {
+    if ((e as { code?: unknown }).code === "ERR_TLS_CERT_PINNING" || /fingerprint/.test((e as Error).message)) {
+      throw new UsageError(`${(e as Error).message}: this is not the daemon you pinned (or its keys were renewed); check the fingerprint on its host`);
+    }
+    if (/^TLS fingerprint/.test((e as Error).message)) throw new UsageError(`--tls-fingerprint: ${(e as Error).message}`);
+    // A daemon that is not there: reported like any failed connection (errors.ts).
+    if (typeof (e as { code?: unknown }).code === "string") throw new TypeError("fetch failed", { cause: e });
+    throw e;
+  }
+  return { ...base, ca: trust.ca, fingerprint: trust.fingerprint };
+}
+
+/** AuthService calls. */
+export interface AuthApi {
+  createToken(request: CreateTokenRequest): Promise<CreateTokenResponse>;
+  login(request: LoginRequest): Promise<LoginResponse>;
+  revokeToken(id: string): Promise<RevokeTokenResponse>;
+  listTokens(): Promise<ListTokensResponse>;
+  setPassword(request: SetPasswordRequest): Promise<SetPasswordResponse>;
+  getAuthInfo(): Promise<GetAuthInfoResponse>;
 }
 
 /** The ContainerService calls piccoloctl makes; streams end when `signal` aborts. */
@@ -116,6 +215,8 @@ export interface PiccoloApi {
   readonly tasks: TasksApi;
   /** UpdateService. */
   readonly update: UpdateApi;
+  /** AuthService. */
+  readonly auth: AuthApi;
   /** Releases the connection. */
   close(): void;
 }
@@ -163,7 +264,11 @@ export function connectApi(options: ApiOptions): PiccoloApi {
   const unaryMs = options.timeoutMs ?? DEFAULT_UNARY_TIMEOUT_MS;
   const streamMs = options.timeoutMs ?? 0;
   if (isRestEndpoint(options.endpoint)) {
-    const c = createRestClients({ baseUrl: options.endpoint, token: options.token });
+    const c = createRestClients({
+      baseUrl: options.endpoint,
+      token: options.token,
+      ...(options.ca ? { fetch: createPinnedFetch({ ca: options.ca, fingerprint: options.fingerprint }) } : {}),
+    });
     const unary = () => ({ signal: withDeadline(undefined, unaryMs) });
     return {
       transport: "rest",
@@ -203,10 +308,25 @@ export function connectApi(options: ApiOptions): PiccoloApi {
         createAgentService: (r) => c.tasks.createAgentService(r, unary()),
       },
       update: restUpdateApi(c, unary, (signal) => ({ signal: withDeadline(signal, streamMs) })),
+      auth: {
+        createToken: (r) => c.auth.createToken(r, unary()),
+        login: (r) => c.auth.login(r, unary()),
+        revokeToken: (id) => c.auth.revokeToken({ id }, unary()),
+        listTokens: () => c.auth.listTokens({}, unary()),
+        setPassword: (r) => c.auth.setPassword(r, unary()),
+        getAuthInfo: () => c.auth.getAuthInfo({}, unary()),
+      },
       close: () => undefined,
     };
   }
-  const c = createGrpcClients({ endpoint: options.endpoint, token: options.token, timeoutMs: unaryMs });
+  const c = createGrpcClients({
+    endpoint: options.endpoint,
+    token: options.token,
+    timeoutMs: unaryMs,
+    ca: options.ca,
+    fingerprint: options.fingerprint,
+    plaintext: options.plaintext,
+  });
   return {
     transport: "grpc",
     getVersion: () => c.system.getVersion({}),
@@ -242,6 +362,14 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       createAgentService: (r) => c.tasks.createAgentService(r),
     },
     update: grpcUpdateApi(c, streamMs),
+    auth: {
+      createToken: (r) => c.auth.createToken(r),
+      login: (r) => c.auth.login(r),
+      revokeToken: (id) => c.auth.revokeToken({ id }),
+      listTokens: () => c.auth.listTokens({}),
+      setPassword: (r) => c.auth.setPassword(r),
+      getAuthInfo: () => c.auth.getAuthInfo({}),
+    },
     close: () => c.close(),
   };
 }

@@ -10,7 +10,7 @@ import {
   type ListOperationsRequest,
 } from "../../../gen/piccolo/operations/v1/operations.js";
 import { GetHealthResponse, GetVersionResponse, HealthState } from "../../../gen/piccolo/system/v1/system.js";
-import { connectApi } from "./api.js";
+import { connectApi, resolveApiOptions } from "./api.js";
 import { UsageError } from "./errors.js";
 import { followOperation, followOptionsFrom } from "./follow-operation.js";
 import { formatHealth, formatOperation, formatOperationList, formatVersion, jsonDocument } from "./format.js";
@@ -20,7 +20,10 @@ import type { CommandContext } from "./context.js";
 export type { CommandContext, GlobalOptions } from "./context.js";
 
 /** Connects to the daemon (re-exported so program.ts gets it with the commands). */
-export { connectApi };
+export { connectApi, resolveApiOptions };
+
+/** The `auth …` commands (auth.ts). */
+export * from "./auth.js";
 
 /** The `containers …` and `images …` commands (containers.ts). */
 export * from "./containers.js";
@@ -47,7 +50,13 @@ export function parseOperationState(value: string): OperationState {
 /** `version`: GetVersion. */
 export async function versionCommand(c: CommandContext): Promise<number> {
   const v = await c.api.getVersion();
-  c.stdout.write(c.global.output === "json" ? jsonDocument("piccolo.system.v1.GetVersionResponse", GetVersionResponse, v) : formatVersion(v));
+  if (c.global.output === "json") {
+    c.stdout.write(jsonDocument("piccolo.system.v1.GetVersionResponse", GetVersionResponse, v));
+    return 0;
+  }
+  // The TLS fingerprint, so it can be pinned from another machine (GetAuthInfo is public).
+  const auth = await c.api.auth.getAuthInfo().catch(() => undefined);
+  c.stdout.write(formatVersion(v, auth ? (auth.tlsEnabled ? auth.tlsFingerprintSha256 : "off (insecurePlaintext)") : undefined));
   return 0;
 }
 

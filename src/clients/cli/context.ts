@@ -6,6 +6,14 @@ import type { TextSink } from "./progress.js";
 export interface GlobalOptions {
   readonly endpoint: string;
   readonly token?: string;
+  /** A file holding the token. */
+  readonly tokenFile?: string;
+  /** SHA-256 fingerprint of the daemon's TLS certificate to pin. */
+  readonly tlsFingerprint?: string;
+  /** The daemon's TLS certificate (PEM file) to pin. */
+  readonly tlsCa?: string;
+  /** gRPC over TCP without TLS (development daemons only). */
+  readonly plaintext?: boolean;
   readonly output: "text" | "json";
   readonly timeout?: number;
 }
@@ -17,4 +25,8 @@ export interface CommandContext {
   readonly stdout: TextSink;
   readonly stderr: TextSink;
   readonly signal: AbortSignal;
+  /** The environment (PICCOLO_PASSWORD for the auth commands). */
+  readonly env?: Readonly<Record<string, string | undefined>>;
+  /** Reads all of standard input (passwords). */
+  readonly readStdin?: () => Promise<string>;
 }

@@ -65,6 +65,14 @@ export function describeError(err: unknown, endpoint: string): DescribedError {
   if (err instanceof FatalStreamError) return describeError(err.cause, endpoint);
   if (err instanceof UsageError) return { text: err.message, exitCode: 2 };
   const reason = unreachableReason(err);
+  if (reason !== undefined && /fingerprint|certificate|self[- ]signed|SSL|TLS/i.test(reason)) {
+    return {
+      text:
+        `UNAVAILABLE: cannot trust piccolod at ${endpoint} (${reason})\n` +
+        "  pin its certificate with --tls-fingerprint (shown by `piccoloctl auth fingerprint` on its host) or --tls-ca",
+      exitCode: 1,
+    };
+  }
   if (reason !== undefined) {
     if (/EACCES|EPERM|permission denied/i.test(reason)) {
       return {
@@ -88,7 +96,11 @@ export function describeError(err: unknown, endpoint: string): DescribedError {
     if (typeof e.code === "number") {
       // grpc-js ServiceError: `details` is the server's message; RestError: `message` is.
       const msg = typeof e.details === "string" && e.details !== "" ? e.details : String(e.message ?? "");
-      return { text: `${codeName(e.code)}: ${msg}`, exitCode: 1 };
+      const hint =
+        e.code === GrpcStatus.UNAUTHENTICATED
+          ? "\n  get a token on the daemon's host (`piccoloctl auth token --role reader`) or with `piccoloctl auth login`, and pass it with --token or $PICCOLO_TOKEN"
+          : "";
+      return { text: `${codeName(e.code)}: ${msg}${hint}`, exitCode: 1 };
     }
   }
   const msg = err instanceof Error ? err.message : String(err);

@@ -77,7 +77,7 @@ export function table(rows: readonly (readonly string[])[]): string {
 }
 
 /** GetVersion as text. */
-export function formatVersion(v: GetVersionResponse): string {
+export function formatVersion(v: GetVersionResponse, tlsFingerprint?: string): string {
   const os = v.os;
   const osText = os ? `${os.prettyName || os.name || os.id}${os.id || os.versionId ? ` (${[os.id, os.versionId].filter(Boolean).join(" ")})` : ""}` : "-";
   const build = [`commit ${v.commit || "unknown"}`, v.buildTime ? `built ${formatTime(v.buildTime)}` : ""].filter(Boolean).join(", ");
@@ -86,6 +86,7 @@ export function formatVersion(v: GetVersionResponse): string {
     ["node", v.nodeVersion],
     ["os", osText],
     ["kernel", v.kernel || "-"],
+    ...(tlsFingerprint !== undefined ? [["tls sha256", tlsFingerprint]] : []),
   ]);
 }
 

@@ -20,6 +20,11 @@ async function main(): Promise<void> {
       stdout: process.stdout,
       stderr: process.stderr,
       env: process.env,
+      readStdin: async () => {
+        const chunks: Buffer[] = [];
+        for await (const c of process.stdin) chunks.push(c as Buffer);
+        return Buffer.concat(chunks).toString("utf8");
+      },
       onInterrupt: (handler) => {
         let count = 0;
         const onSigint = (): void => {

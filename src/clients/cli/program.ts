@@ -8,6 +8,7 @@
  * themselves (commands.ts) are loaded only when one runs.
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
+import { addAuthCommands } from "./auth-program.js";
 import type { CommandContext, GlobalOptions } from "./commands.js";
 import type { TextSink } from "./progress.js";
 import { addTrustCommands } from "./trust-program.js";
@@ -19,8 +20,10 @@ export const DEFAULT_ENDPOINT = "unix:///run/piccolod/piccolod.sock";
 export interface CliIo {
   readonly stdout: TextSink;
   readonly stderr: TextSink;
-  /** Environment (PICCOLO_ENDPOINT, PICCOLO_TOKEN). */
+  /** Environment (PICCOLO_ENDPOINT, PICCOLO_TOKEN, PICCOLO_TLS_FINGERPRINT, …). */
   readonly env: Readonly<Record<string, string | undefined>>;
+  /** Reads all of standard input (passwords for `auth login` and `auth passwd`). */
+  readonly readStdin?: () => Promise<string>;
   /** Registers a Ctrl-C handler for the duration of a command; returns the unregister function. */
   readonly onInterrupt?: (handler: () => void) => () => void;
 }
@@ -56,6 +59,24 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
     .addOption(
       new Option("--token <token>", "bearer token sent with every call (default: $PICCOLO_TOKEN)").default(io.env["PICCOLO_TOKEN"] || undefined),
     )
+    .addOption(
+      new Option("--token-file <file>", "read the bearer token from a file (default: $PICCOLO_TOKEN_FILE)").default(io.env["PICCOLO_TOKEN_FILE"] || undefined),
+    )
+    .addOption(
+      new Option("--tls-fingerprint <sha256>", "pin the daemon's TLS certificate by its SHA-256 fingerprint (default: $PICCOLO_TLS_FINGERPRINT)").default(
+        io.env["PICCOLO_TLS_FINGERPRINT"] || undefined,
+      ),
+    )
+    .addOption(
+      new Option("--tls-ca <file>", "pin the daemon's TLS certificate given as a PEM file (default: $PICCOLO_TLS_CA, else the host's /var/lib/piccolod/tls/cert.pem)").default(
+        io.env["PICCOLO_TLS_CA"] || undefined,
+      ),
+    )
+    .addOption(
+      new Option("--plaintext", "gRPC over TCP without TLS, for a development daemon with insecurePlaintext (default: $PICCOLO_PLAINTEXT=1)").default(
+        io.env["PICCOLO_PLAINTEXT"] === "1" || undefined,
+      ),
+    )
     .addOption(new Option("-o, --output <format>", "output format").choices(["text", "json"]).default("text"))
     .addOption(
       new Option("--timeout <ms>", "deadline of each call in ms (default 30000 for calls, none for streams; 0 for none)").argParser(
@@ -77,11 +98,11 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
   const run = async (cmd: Command, work: (m: Commands, c: CommandContext) => Promise<number>, follows = false): Promise<void> => {
     const global = cmd.optsWithGlobals<GlobalOptions>();
     const m = await import("./commands.js");
-    const api = m.connectApi({ endpoint: global.endpoint, token: global.token || undefined, timeoutMs: global.timeout });
+    const api = m.connectApi(await m.resolveApiOptions(global));
     const ac = new AbortController();
     const off = follows ? io.onInterrupt?.(() => ac.abort()) : undefined;
     try {
-      setExitCode(await work(m, { api, global, stdout: io.stdout, stderr: io.stderr, signal: ac.signal }));
+      setExitCode(await work(m, { api, global, stdout: io.stdout, stderr: io.stderr, signal: ac.signal, env: io.env, readStdin: io.readStdin }));
     } finally {
       off?.();
       api.close();
@@ -139,6 +160,7 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
   addTrustCommands(program, run);
   addUpdateCommands(program, run);
   addInstallCommands(program, run);
+  addAuthCommands(program, run);
 
   return program;
 }
