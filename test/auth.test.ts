@@ -222,11 +222,11 @@ describe("TLS and the keys", () => {
   }, 60_000);
 
   test("the private keys are sealed with the CredentialStore, never in a plain file", async () => {
-    const sealed = await readFile(join(d.stateDir, "credstore", "auth-keys"));
+    const sealed = await readFile(join(d.stateDir, "secrets", "auth-keys"));
     expect(sealed.includes(Buffer.from("PRIVATE KEY"))).toBe(false);
-    expect((await stat(join(d.stateDir, "credstore", "auth-keys"))).mode & 0o077).toBe(0);
+    expect((await stat(join(d.stateDir, "secrets", "auth-keys"))).mode & 0o077).toBe(0);
     const { spawnSync } = await import("node:child_process");
-    const r = spawnSync("systemd-creds", ["decrypt", "--name=piccolod_auth-keys", join(d.stateDir, "credstore", "auth-keys"), "-"], { encoding: "utf8" });
+    const r = spawnSync("systemd-creds", ["decrypt", "--name=piccolod_auth-keys", join(d.stateDir, "secrets", "auth-keys"), "-"], { encoding: "utf8" });
     expect(r.status).toBe(0);
     expect(JSON.parse(r.stdout)).toEqual({ signing: expect.stringContaining("PRIVATE KEY"), tls: expect.stringContaining("PRIVATE KEY") });
     const info = await d.grpcUnix().auth.getAuthInfo({});

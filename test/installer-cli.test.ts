@@ -23,7 +23,7 @@ interface Run {
 }
 function cli(args: readonly string[], input?: string): Promise<Run> {
   return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI_JS, ...args], { env: { ...process.env, PICCOLO_ENDPOINT: `unix://${d.endpoints.socket}` }, stdio: ["pipe", "pipe", "pipe"] });
+    const p = spawn(process.execPath, [CLI_JS, ...args], { env: { ...process.env, ...d.cliEnv(), PICCOLO_ENDPOINT: `unix://${d.endpoints.socket}` }, stdio: ["pipe", "pipe", "pipe"] });
     let stdout = "";
     let stderr = "";
     p.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
@@ -89,6 +89,7 @@ test("install run: refused unless confirmed; with --yes it installs with progres
 
   const target2 = sparseTarget(join(work, "targets", "run2.img"), 160 * MiB);
   const rest = await cli(["--endpoint", d.endpoints.rest, "install", "run", target2, "--live", "--yes", "--hostname", "box"]);
+  expect(rest.stderr).toBe("");
   expect(rest.code).toBe(0);
   expect(rest.stdout).toMatch(/SUCCEEDED/);
   expect(rest.stdout).toMatch(/ignitionWritten/);
