@@ -12,6 +12,8 @@ ensure_debian_packages "systemd-notify:systemd" "python3:python3" \
   "qemu-system-x86_64:qemu-system-x86" "swtpm:swtpm" "swtpm_setup:swtpm-tools" "tpm2_startup:tpm2-tools" \
   "debootstrap:debootstrap" "mkfs.ext4:e2fsprogs" \
   "dockerd:docker.io" "busybox:busybox-static" "docker-registry:docker-registry"
+# Storage, network and backup areas.
+ensure_debian_packages "restic:restic" "cryptsetup:cryptsetup-bin" "sgdisk:gdisk" "losetup:mount" "ping:iputils-ping" "ip:iproute2"
 bash scripts/check.sh
 build_dist
 mkdir -p .test-tmp

@@ -4,8 +4,11 @@
  * a bearer token.
  */
 import * as grpc from "@grpc/grpc-js";
+import { BackupServiceService } from "../../gen/piccolo/backup/v1/backup.js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
+import { NetworkServiceService } from "../../gen/piccolo/network/v1/network.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
+import { StorageServiceService } from "../../gen/piccolo/storage/v1/storage.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 
 /** The shape of a ts-proto grpc-js service definition entry. */
@@ -124,6 +127,9 @@ export interface PiccoloGrpcClients {
   readonly system: PromiseClient<typeof SystemServiceService>;
   readonly operations: PromiseClient<typeof OperationsServiceService>;
   readonly containers: PromiseClient<typeof ContainerServiceService>;
+  readonly storage: PromiseClient<typeof StorageServiceService>;
+  readonly network: PromiseClient<typeof NetworkServiceService>;
+  readonly backup: PromiseClient<typeof BackupServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -138,6 +144,9 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     system: createPromiseClient(channel, SystemServiceService, options),
     operations: createPromiseClient(channel, OperationsServiceService, options),
     containers: createPromiseClient(channel, ContainerServiceService, options),
+    storage: createPromiseClient(channel, StorageServiceService, options),
+    network: createPromiseClient(channel, NetworkServiceService, options),
+    backup: createPromiseClient(channel, BackupServiceService, options),
     channel,
     close: () => channel.close(),
   };

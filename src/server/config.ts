@@ -60,6 +60,27 @@ export const ConfigSchema = z
      * of tpmDevices), a device path, or a TCTI such as "swtpm:host=127.0.0.1,port=2321" (tests).
      */
     tpm2Device: z.string().min(1).default("auto"),
+    /** Free space (in percent of a filesystem's size) under which a storage alert is raised. */
+    storageAlertThresholdPercent: z.number().min(0).max(100).default(10),
+    /** Time between two looks at the filesystems while someone watches storage alerts. */
+    storageAlertIntervalMs: z.number().int().min(100).max(3_600_000).default(60_000),
+    /** Network namespace the network area reads and checks ("" for the daemon's own); for tests and containers. */
+    networkNamespace: z.string().regex(/^[A-Za-z0-9_.-]{0,64}$/, { message: "expected a network namespace name" }).default(""),
+    /** Folder piccolod writes its systemd-networkd .network files into. */
+    networkConfigDir: absPath.default("/etc/systemd/network"),
+    /** Command that makes systemd-networkd pick up changed files; empty for none. */
+    networkReloadCommand: z.array(z.string().min(1)).default(["networkctl", "reload"]),
+    /** The static host name file SetHostname writes. */
+    hostnameFile: absPath.default("/etc/hostname"),
+    /** Command that sets the kernel's host name (the name is appended); empty for none. */
+    hostnameCommand: z.array(z.string().min(1)).default(["hostname"]),
+    /**
+     * Folders a local backup repository may be in (each folder and what is below it): the places
+     * backup drives are mounted. A REST server location is not limited by this.
+     */
+    backupRepositoryRoots: z.array(absPath).default(["/var/lib/piccolo/backup", "/media", "/mnt", "/run/media"]),
+    /** The restic binary backups run. */
+    resticBin: z.string().min(1).default("restic"),
   })
   .strict();
 

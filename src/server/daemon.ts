@@ -5,10 +5,15 @@
 import { chmod, mkdir, rm, writeFile, rename } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import pino, { type Logger } from "pino";
+import { BackupServiceService } from "../../gen/piccolo/backup/v1/backup.js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
+import { NetworkServiceService } from "../../gen/piccolo/network/v1/network.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
+import { StorageServiceService } from "../../gen/piccolo/storage/v1/storage.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
+import { createBackupManager } from "./backup/manager.js";
+import { createBackupService } from "./backup/service.js";
 import { parseListen, type Config } from "./config.js";
 import { createDockerEngine } from "./containers/docker.js";
 import { buildKind, importKind, pullKind } from "./containers/images.js";
@@ -20,7 +25,12 @@ import { auditInterceptor, loggingInterceptor } from "./interceptors.js";
 import { openJournalStore } from "./operations/journal.js";
 import { createOperationManager, type OperationManager } from "./operations/manager.js";
 import { createOperationsService } from "./operations/service.js";
+import { createNetRunner } from "./network/interfaces.js";
+import { createNetworkManager } from "./network/manager.js";
+import { createNetworkService } from "./network/service.js";
 import { createMethodRegistry } from "./rpc.js";
+import { createStorageService, resealKind } from "./storage/service.js";
+import { createVolumeManager } from "./storage/volumes.js";
 import { diagnosticsKind } from "./system/diagnostics.js";
 import { createHealthChecker, type HealthChecker } from "./system/health.js";
 import { createSystemService } from "./system/service.js";
@@ -105,7 +115,6 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     }),
   );
   // Sealed secrets (systemd-creds, TPM-bound), shared by every area that keeps one.
-  // eslint-disable-next-line @typescript-eslint/no-unused-vars -- handed to the trust, backup and tasks areas as they land
   const credentials = new CredentialStore({
     dir: join(config.stateDir, "credstore"),
     tpm2Device: config.tpm2Device,
@@ -123,13 +132,51 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   ops.register(pullKind(imageDeps));
   ops.register(importKind(imageDeps));
   ops.register(buildKind(imageDeps));
+  const volumes = createVolumeManager(engine);
+  ops.register(resealKind(config.tpm2Device));
+  const backup = createBackupManager({
+    stateDir: config.stateDir,
+    credentials,
+    engine,
+    volumes,
+    log: log.child({ area: "backup" }),
+    resticBin: config.resticBin,
+    repositoryRoots: config.backupRepositoryRoots,
+  });
+  for (const k of Object.values(backup.kinds)) ops.register(k as never);
   await ops.init();
+  const network = createNetworkManager({
+    runner: createNetRunner(config.networkNamespace),
+    stateDir: config.stateDir,
+    configDir: config.networkConfigDir,
+    reloadCommand: config.networkReloadCommand,
+    hostnameFile: config.hostnameFile,
+    hostnameCommand: config.hostnameCommand,
+    log: log.child({ area: "network" }),
+  });
+  // A network change left unconfirmed by the last run reverts now (or at its deadline).
+  await network.init();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   const registry = createMethodRegistry();
   registry.add(SystemServiceService, createSystemService({ health, ops, osReleaseFiles: config.osReleaseFiles }), "system");
   registry.add(OperationsServiceService, createOperationsService(ops), "operations");
   registry.add(ContainerServiceService, createContainerService({ containers, ops }), "containers");
+  registry.add(
+    StorageServiceService,
+    createStorageService({
+      volumes,
+      ops,
+      credentials,
+      mountInfoFile: config.mountInfoFile,
+      tpm2Device: config.tpm2Device,
+      alertThresholdPercent: config.storageAlertThresholdPercent,
+      alertIntervalMs: config.storageAlertIntervalMs,
+    }),
+    "storage",
+  );
+  registry.add(BackupServiceService, createBackupService({ backup, ops }), "backup");
+  registry.add(NetworkServiceService, createNetworkService({ network, runner: createNetRunner(config.networkNamespace) }), "network");
   const interceptors = [loggingInterceptor, auditInterceptor(audit)];
 
   const grpcServer: GrpcServer = createGrpcServer(registry, interceptors, log);
@@ -179,6 +226,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
       stopped ??= (async () => {
         log.info("stopping: journaling running operations");
         await ops.shutdown(config.shutdownGraceMs);
+        network.close();
         await grpcServer.shutdown(1000);
         await gateway.close();
         await audit.close();
