@@ -37,8 +37,11 @@ import type {
   WatchEventsRequest,
 } from "../../../gen/piccolo/containers/v1/containers.js";
 import type { GetHealthResponse, GetVersionResponse, RunDiagnosticsRequest } from "../../../gen/piccolo/system/v1/system.js";
-import { createGrpcClients, grpcTarget } from "../grpc-client.js";
-import { createRestClients } from "../rest-clients.js";
+import { BackupServiceService } from "../../../gen/piccolo/backup/v1/backup.js";
+import { NetworkServiceService } from "../../../gen/piccolo/network/v1/network.js";
+import { StorageServiceService } from "../../../gen/piccolo/storage/v1/storage.js";
+import { createGrpcClients, grpcTarget, type PiccoloGrpcClients } from "../grpc-client.js";
+import { createRestClients, type PiccoloRestClients } from "../rest-clients.js";
 import type { OpenWatch } from "../watch.js";
 import { UsageError } from "./errors.js";
 
@@ -78,6 +81,27 @@ export interface ContainersApi {
   removeImage(request: RemoveImageRequest): Promise<RemoveImageResponse>;
 }
 
+/** A service client reduced to what the CLI calls: unary methods, and streams taking the command's signal. */
+export type CliService<D> = {
+  [K in keyof D]: D[K] extends { responseStream: true; requestSerialize: (v: infer Req) => Buffer; responseDeserialize: (b: Buffer) => infer Res }
+    ? (request: Req, signal: AbortSignal) => AsyncIterable<Res>
+    : D[K] extends { requestSerialize: (v: infer Req) => Buffer; responseDeserialize: (b: Buffer) => infer Res }
+      ? (request: Req) => Promise<Res>
+      : never;
+};
+
+/** Binds every method of a generated client (gRPC promise client or REST client) for the CLI. */
+function bindService<D extends Record<string, { responseStream: boolean }>>(
+  definition: D,
+  call: (method: string, request: unknown, stream: boolean, signal: AbortSignal | undefined) => unknown,
+): CliService<D> {
+  const out: Record<string, unknown> = {};
+  for (const [key, def] of Object.entries(definition)) {
+    out[key] = def.responseStream ? (r: unknown, signal: AbortSignal) => call(key, r, true, signal) : (r: unknown) => call(key, r, false, undefined);
+  }
+  return out as CliService<D>;
+}
+
 /** The calls piccoloctl makes. */
 export interface PiccoloApi {
   /** "grpc" or "rest". */
@@ -93,6 +117,12 @@ export interface PiccoloApi {
   cancelOperation(id: string): Promise<Operation>;
   /** ContainerService. */
   readonly containers: ContainersApi;
+  /** StorageService. */
+  readonly storage: CliService<typeof StorageServiceService>;
+  /** NetworkService. */
+  readonly network: CliService<typeof NetworkServiceService>;
+  /** BackupService. */
+  readonly backup: CliService<typeof BackupServiceService>;
   /** Releases the connection. */
   close(): void;
 }
@@ -172,6 +202,7 @@ export function connectApi(options: ApiOptions): PiccoloApi {
         buildImage: (r, signal) => c.containers.buildImage(r, { signal: withDeadline(signal, streamMs) }),
         removeImage: (r) => c.containers.removeImage(r, unary()),
       },
+      ...restAreas(c, unaryMs, streamMs),
       close: () => undefined,
     };
   }
@@ -203,6 +234,29 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       buildImage: (r, signal) => c.containers.buildImage(r, { signal, timeoutMs: streamMs }),
       removeImage: (r) => c.containers.removeImage(r),
     },
+    ...grpcAreas(c, streamMs),
     close: () => c.close(),
   };
+}
+
+type AreaKey = "storage" | "network" | "backup";
+const AREAS = { storage: StorageServiceService, network: NetworkServiceService, backup: BackupServiceService } as const;
+type Method = (request: unknown, options: unknown) => unknown;
+
+/** The storage, network and backup services over REST. */
+function restAreas(c: PiccoloRestClients, unaryMs: number, streamMs: number): Pick<PiccoloApi, AreaKey> {
+  const bind = <K extends AreaKey>(k: K): PiccoloApi[K] =>
+    bindService(AREAS[k], (m, r, stream, signal) =>
+      ((c[k] as unknown as Record<string, Method>)[m]!).call(c[k], r, { signal: withDeadline(signal, stream ? streamMs : unaryMs) }),
+    ) as unknown as PiccoloApi[K];
+  return { storage: bind("storage"), network: bind("network"), backup: bind("backup") };
+}
+
+/** The storage, network and backup services over gRPC. */
+function grpcAreas(c: PiccoloGrpcClients, streamMs: number): Pick<PiccoloApi, AreaKey> {
+  const bind = <K extends AreaKey>(k: K): PiccoloApi[K] =>
+    bindService(AREAS[k], (m, r, stream, signal) =>
+      ((c[k] as unknown as Record<string, Method>)[m]!)(r, stream ? { signal, timeoutMs: streamMs } : {}),
+    ) as unknown as PiccoloApi[K];
+  return { storage: bind("storage"), network: bind("network"), backup: bind("backup") };
 }

@@ -24,6 +24,10 @@ export { connectApi };
 
 /** The `containers …` and `images …` commands (containers.ts). */
 export * from "./containers.js";
+/** The `storage …`, `network …` and `backup …` commands. */
+export * from "./storage.js";
+export * from "./network.js";
+export * from "./backup.js";
 
 /** Parses an operation state: "running", "RUNNING" or "OPERATION_STATE_RUNNING"; UsageError otherwise. */
 export function parseOperationState(value: string): OperationState {

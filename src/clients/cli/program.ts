@@ -9,6 +9,7 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
 import type { CommandContext, GlobalOptions } from "./commands.js";
 import type { TextSink } from "./progress.js";
+import { addBackupCommands, addNetworkCommands, addStorageCommands } from "./storage-program.js";
 
 /** The default endpoint when neither --endpoint nor PICCOLO_ENDPOINT is given. */
 export const DEFAULT_ENDPOINT = "unix:///run/piccolod/piccolod.sock";
@@ -133,6 +134,9 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
     .action((id: string, _o, cmd: Command) => run(cmd, (m, c) => m.opsCancelCommand(c, id)));
 
   addContainerCommands(program, run);
+  addStorageCommands(program, run);
+  addNetworkCommands(program, run);
+  addBackupCommands(program, run);
 
   return program;
 }

@@ -401,7 +401,9 @@ export function createBackupManager(deps: BackupManagerDeps): BackupManager {
       // restic 0.14 reports the short id in its summary: name the snapshot by its full id.
       let fullId = s.snapshot_id;
       try {
-        fullId = (await r.snapshots(ctx.signal)).find((x) => x.id.startsWith(s.snapshot_id))?.id ?? fullId;
+        // A local repository names each snapshot file by its id; ask restic only for a REST one.
+        const local = r.location.startsWith("/") ? (await readdir(join(r.location, "snapshots"))).find((f) => f.startsWith(s.snapshot_id)) : undefined;
+        fullId = local ?? (await r.snapshots(ctx.signal)).find((x) => x.id.startsWith(s.snapshot_id))?.id ?? fullId;
       } catch {
         // keep the short id
       }

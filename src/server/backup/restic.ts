@@ -97,10 +97,14 @@ export function resticError(args: readonly string[], r: ToolResult): PiccoloErro
 /** Creates the adapter for one repository. */
 export function createRestic(o: ResticOptions): Restic {
   const bin = o.bin ?? "restic";
+  // Unsealed once per adapter (one per operation), not once per restic run.
+  let password: Promise<Buffer> | undefined;
   const self: Restic = {
     location: o.location,
     async run(args, ro = {}) {
-      const password = await o.password();
+      password ??= o.password();
+      password.catch(() => (password = undefined));
+      const secret = await password;
       let buf = "";
       const onStdout = ro.onJson
         ? (chunk: Buffer): void => {
@@ -126,7 +130,7 @@ export function createRestic(o: ResticOptions): Restic {
         bin,
         ["-r", o.location, "--cache-dir", o.cacheDir, ...args],
         {
-          input: Buffer.concat([password, Buffer.from("\n")]),
+          input: Buffer.concat([secret, Buffer.from("\n")]),
           env,
           signal: ro.signal,
           killSignal: "SIGINT",
