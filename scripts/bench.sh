@@ -25,6 +25,10 @@ echo "==> containers (bench/containers.ts; a private dockerd)"
 ensure_debian_packages "dockerd:docker.io" "busybox:busybox-static"
 node dist/bench/containers.js
 echo
+echo "==> backup (bench/backup.ts; a private dockerd and swtpm, restic)"
+ensure_debian_packages "dockerd:docker.io" "busybox:busybox-static" "restic:restic" "swtpm:swtpm" "tpm2_flushcontext:tpm2-tools"
+node dist/bench/backup.js
+echo
 echo "==> single executable (bench/sea.ts; flatcar/build.sh)"
 [ -x flatcar/out/piccolod ] || bash flatcar/build.sh >&2
 node dist/bench/sea.js

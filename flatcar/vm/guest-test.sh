@@ -111,13 +111,42 @@ if [ "$got" = "$secret" ]; then pass credential_reaches_piccolod "\$CREDENTIALS_
 blob=/var/lib/piccolod/credstore/vm-key
 { printf '%-16s' "$(stat -c %s "$blob")"; cat "$blob"; } | dd of="$blob_disk" bs=4096 seek=256 conv=fsync status=none && pass sealed_blob_saved "$(stat -c %s "$blob") bytes"
 
+# 5. Network try mode on a dummy interface (the guest's own link stays as it is): a confirmed static
+# address is applied live by systemd-networkd; an unconfirmed change is applied, then reverted on
+# time, both in the .network file and in the live addresses.
+net_apply() { curl -fsS --max-time 60 -H 'content-type: application/json' -d "{\"interfaces\":[{\"name\":\"pdummy0\",\"mode\":\"ADDRESSING_MODE_STATIC\",\"addresses\":[\"$1\"]}],\"confirmTimeoutSeconds\":$2}" http://127.0.0.1:8080/api/v1/network/config:apply | sed -n 's/.*"id":"\([^"]*\)".*/\1/p'; }
+has_addr() { ip -4 -o addr show dev pdummy0 2>/dev/null | grep -q " $1/"; }
+wait_for() { local end=$((SECONDS + $1)); shift; while [ $SECONDS -lt "$end" ]; do "$@" && return 0; sleep 1; done; return 1; }
+net_file=/etc/systemd/network/50-piccolod-pdummy0.network
+if ip link add pdummy0 type dummy 2>/tmp/dummy.err && ip link set pdummy0 up; then
+  id=$(net_apply 10.99.0.4/24 120)
+  if [ -n "$id" ] && curl -fsS --max-time 60 -H 'content-type: application/json' -d "{\"id\":\"$id\"}" http://127.0.0.1:8080/api/v1/network/config:confirm >/dev/null &&
+    wait_for 120 has_addr 10.99.0.4; then
+    pass network_confirmed_applied "10.99.0.4/24 on pdummy0 (change $id confirmed)"
+  else
+    fail network_confirmed_applied "change '${id}': $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ')"
+  fi
+  t_apply=$SECONDS
+  id=$(net_apply 10.99.0.5/24 30)
+  if [ -n "$id" ] && wait_for 120 has_addr 10.99.0.5; then pass network_try_applied "10.99.0.5/24 live (change $id, not confirmed)"; else fail network_try_applied "change '${id}': $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ')"; fi
+  reverted() { grep -q 'Address=10.99.0.4/24' "$net_file" && ! has_addr 10.99.0.5 && has_addr 10.99.0.4; }
+  if wait_for 300 reverted; then
+    pass network_reverted "file and live address back to 10.99.0.4/24 $((SECONDS - t_apply)) s after the apply (timeout 30 s)"
+  else
+    fail network_reverted "$(tr '\n' ' ' <"$net_file") | $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ')"
+  fi
+  ip link del pdummy0 2>/dev/null || true
+else
+  fail network_dummy_link "$(cat /tmp/dummy.err)"
+fi
+
 if [ "$failures" -gt 0 ]; then
   echo "--- piccolod journal (last 40 lines) ---"
   journalctl -u piccolod.service --no-pager -n 40 -o short-monotonic | cut -c1-300
   echo "---"
 fi
 
-# 5. The installed unit verifies in the booted system (slow under emulation, hence last and bounded).
+# 6. The installed unit verifies in the booted system (slow under emulation, hence last and bounded).
 check unit_verifies timeout 300 systemd-analyze verify --man=no /usr/lib/systemd/system/piccolod.service
 
 echo PICCOLO-DONE
