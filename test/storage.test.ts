@@ -114,7 +114,7 @@ interface LsblkDev {
   children?: LsblkDev[];
 }
 
-test("ListDisks is lsblk's inventory, the loop device's GPT partitions included", async () => {
+test("ListDisks is lsblk's inventory, with a loop device of our own and its backing file", async () => {
   const api = d.grpcUnix().storage;
   const [res, raw] = await Promise.all([api.listDisks({}), ok("lsblk", ["-J", "-b", "-O"])]);
   const lsblk = (JSON.parse(raw) as { blockdevices: LsblkDev[] }).blockdevices;
@@ -176,6 +176,9 @@ test("a storage alert is raised when free space falls under the threshold and cl
     }
   })();
   const mineRaised = (a: StorageAlert) => a.filesystem?.mountPoint === tmpfsDir && a.state === StorageAlertState.STORAGE_ALERT_STATE_RAISED;
+  // The watch starts with the state of every filesystem.
+  const ok = await waitFor((a) => a.filesystem?.mountPoint === tmpfsDir);
+  expect(ok.state).toBe(StorageAlertState.STORAGE_ALERT_STATE_OK);
   await new Promise((r) => setTimeout(r, 1000));
   expect(seen.some(mineRaised)).toBe(false);
   await writeFile(join(tmpfsDir, "big"), Buffer.alloc(6 * 1024 * 1024, 1));

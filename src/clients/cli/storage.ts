@@ -128,7 +128,7 @@ export async function storageAlertsCommand(c: CommandContext): Promise<number> {
   try {
     for await (const a of c.api.storage.watchAlerts({}, c.signal)) {
       if (c.global.output === "json") c.stdout.write(`${JSON.stringify(protoJson(`${T}StorageAlert`, StorageAlert, a))}\n`);
-      else c.stdout.write(`${formatTime(a.time)}  ${a.state === StorageAlertState.STORAGE_ALERT_STATE_RAISED ? "RAISED " : "CLEARED"}  ${a.message}\n`);
+      else c.stdout.write(`${formatTime(a.time)}  ${(StorageAlertState[a.state] ?? "").replace("STORAGE_ALERT_STATE_", "").padEnd(7)}  ${a.message}\n`);
     }
   } catch (e) {
     if (!c.signal.aborted) throw e;

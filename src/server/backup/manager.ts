@@ -496,8 +496,19 @@ export function createBackupManager(deps: BackupManagerDeps): BackupManager {
           }
           if (res.code !== 0) throw resticError(["restore"], res);
           const src = join(staging, d.item.path);
-          if (!(await stat(src).catch(() => undefined))?.isDirectory()) {
-            throw new PiccoloError("internal", `restic restored nothing for ${d.item.path} from snapshot ${snap.short_id}`);
+          // Every component below the staging folder must be a real folder: a snapshot whose
+          // folder is a symlink must not make the renames below reach outside the scope.
+          let at = staging;
+          for (const part of d.item.path.split("/").filter(Boolean)) {
+            at = join(at, part);
+            const s = await lstat(at).catch(() => undefined);
+            if (!s?.isDirectory()) {
+              throw new PiccoloError(
+                s ? "failed_precondition" : "internal",
+                s ? `snapshot ${snap.short_id} has ${at.slice(staging.length)} as a ${s.isSymbolicLink() ? "symlink" : "file"}, not a folder; refusing to restore it` : `restic restored nothing for ${d.item.path} from snapshot ${snap.short_id}`,
+                { reason: s ? "SNAPSHOT_OUTSIDE_SCOPE" : undefined },
+              );
+            }
           }
           done += await treeBytes(src);
           await replaceContent(d.dest, src, d.keep);

@@ -1,6 +1,7 @@
 /**
- * Low-space alerts: one watcher polls the filesystems while anyone listens and turns each
- * crossing of the free-space threshold into a RAISED or CLEARED StorageAlert.
+ * Low-space alerts: each watch polls the filesystems while its client listens, starts with the
+ * state of each (RAISED or OK), and turns each crossing of the free-space threshold into a RAISED
+ * or CLEARED StorageAlert.
  */
 import { StorageAlertState, type Filesystem, type StorageAlert } from "../../../gen/piccolo/storage/v1/storage.js";
 
@@ -27,20 +28,25 @@ const alert = (state: StorageAlertState, f: Filesystem, threshold: number): Stor
     message:
       state === StorageAlertState.STORAGE_ALERT_STATE_RAISED
         ? `${f.mountPoint} has ${free.toFixed(1)}% free, below the ${threshold}% threshold`
-        : `${f.mountPoint} has ${free.toFixed(1)}% free again (threshold ${threshold}%)`,
+        : state === StorageAlertState.STORAGE_ALERT_STATE_OK
+          ? `${f.mountPoint} has ${free.toFixed(1)}% free (threshold ${threshold}%)`
+          : `${f.mountPoint} has ${free.toFixed(1)}% free again (threshold ${threshold}%)`,
   };
 };
 
-/** Yields the alerts that hold now, then every change, until `signal` aborts. */
+/** Yields the state of every filesystem now (RAISED or OK), then every change, until `signal` aborts. */
 export async function* watchAlerts(o: AlertOptions, signal: AbortSignal): AsyncGenerator<StorageAlert> {
   const low = new Set<string>();
+  let first = true;
   while (!signal.aborted) {
     const now = await o.list();
     const seen = new Set<string>();
     for (const f of now) {
       seen.add(f.mountPoint);
       const isLow = freePercent(f) < o.thresholdPercent;
-      if (isLow && !low.has(f.mountPoint)) {
+      if (first && !isLow) {
+        yield alert(StorageAlertState.STORAGE_ALERT_STATE_OK, f, o.thresholdPercent);
+      } else if (isLow && !low.has(f.mountPoint)) {
         low.add(f.mountPoint);
         yield alert(StorageAlertState.STORAGE_ALERT_STATE_RAISED, f, o.thresholdPercent);
       } else if (!isLow && low.has(f.mountPoint)) {
@@ -48,6 +54,7 @@ export async function* watchAlerts(o: AlertOptions, signal: AbortSignal): AsyncG
         yield alert(StorageAlertState.STORAGE_ALERT_STATE_CLEARED, f, o.thresholdPercent);
       }
     }
+    first = false;
     // A filesystem that went away no longer runs out of space.
     for (const m of [...low]) if (!seen.has(m)) low.delete(m);
     await new Promise<void>((resolve) => {

@@ -35,6 +35,11 @@ export enum StorageAlertState {
   STORAGE_ALERT_STATE_RAISED = 1,
   /** STORAGE_ALERT_STATE_CLEARED - Free space is back above the threshold. */
   STORAGE_ALERT_STATE_CLEARED = 2,
+  /**
+   * STORAGE_ALERT_STATE_OK - Sent once per filesystem at the start of a watch when it has enough free space, so the first
+   * messages are the whole picture.
+   */
+  STORAGE_ALERT_STATE_OK = 3,
 }
 
 /** ListDisksRequest is empty: every block device is listed. */
@@ -2505,9 +2510,9 @@ export const StorageServiceService = {
     responseDeserialize: (value: Buffer): OperationEvent => OperationEvent.decode(value),
   },
   /**
-   * WatchAlerts sends a StorageAlert for every filesystem whose free space is below the
-   * configured threshold (first the ones that are already low, then each change: raised when
-   * one falls below, cleared when it recovers) until the client leaves.
+   * WatchAlerts sends the low-space state of the filesystems until the client leaves: first one
+   * message per filesystem (RAISED when its free space is below the configured threshold, OK
+   * otherwise), then each change (RAISED when one falls below, CLEARED when it recovers).
    */
   watchAlerts: {
     path: "/piccolo.storage.v1.StorageService/WatchAlerts" as const,
@@ -2563,9 +2568,9 @@ export interface StorageServiceServer extends UntypedServiceImplementation {
    */
   resealEncryption: handleServerStreamingCall<ResealEncryptionRequest, OperationEvent>;
   /**
-   * WatchAlerts sends a StorageAlert for every filesystem whose free space is below the
-   * configured threshold (first the ones that are already low, then each change: raised when
-   * one falls below, cleared when it recovers) until the client leaves.
+   * WatchAlerts sends the low-space state of the filesystems until the client leaves: first one
+   * message per filesystem (RAISED when its free space is below the configured threshold, OK
+   * otherwise), then each change (RAISED when one falls below, CLEARED when it recovers).
    */
   watchAlerts: handleServerStreamingCall<WatchAlertsRequest, StorageAlert>;
 }
@@ -2705,9 +2710,9 @@ export interface StorageServiceClient extends Client {
     options?: Partial<CallOptions>,
   ): ClientReadableStream<OperationEvent>;
   /**
-   * WatchAlerts sends a StorageAlert for every filesystem whose free space is below the
-   * configured threshold (first the ones that are already low, then each change: raised when
-   * one falls below, cleared when it recovers) until the client leaves.
+   * WatchAlerts sends the low-space state of the filesystems until the client leaves: first one
+   * message per filesystem (RAISED when its free space is below the configured threshold, OK
+   * otherwise), then each change (RAISED when one falls below, CLEARED when it recovers).
    */
   watchAlerts(request: WatchAlertsRequest, options?: Partial<CallOptions>): ClientReadableStream<StorageAlert>;
   watchAlerts(

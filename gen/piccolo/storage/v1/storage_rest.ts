@@ -158,9 +158,9 @@ export class StorageServiceRestClient {
   }
 
   /**
-   * WatchAlerts sends a StorageAlert for every filesystem whose free space is below the
-   * configured threshold (first the ones that are already low, then each change: raised when
-   * one falls below, cleared when it recovers) until the client leaves.
+   * WatchAlerts sends the low-space state of the filesystems until the client leaves: first one
+   * message per filesystem (RAISED when its free space is below the configured threshold, OK
+   * otherwise), then each change (RAISED when one falls below, CLEARED when it recovers).
    */
   watchAlerts(request: DeepPartial_piccolo_storage_v1_storage<WatchAlertsRequest> = {}, options?: RestCallOptions): AsyncIterable<StorageAlert> {
     return this.transport.serverStream(StorageServiceRestMethods.watchAlerts, WatchAlertsRequest.fromPartial(request), options);
