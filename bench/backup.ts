@@ -99,7 +99,7 @@ async function startPiccolod(base: string, socket: string, tcti: string): Promis
     process.execPath,
     [DAEMON_JS, "--state-dir", state, "--runtime-dir", runDir, "--grpc-listen", "", "--rest-listen", "", "--log-level", "warn",
       "--docker-socket", socket, "--tpm2-device", tcti, "--backup-repository-roots", base,
-      "--network-config-dir", join(base, "network"), "--network-reload-command", "", "--hostname-file", join(base, "hostname"), "--hostname-command", ""],
+      "--network-config-dir", join(base, "network"), "--network-reload-command", "", "--network-reconfigure-command", "", "--hostname-file", join(base, "hostname"), "--hostname-command", ""],
     { env, stdio: ["ignore", "ignore", "pipe"] },
   );
   daemon = p;

@@ -124,7 +124,7 @@ if ip link add pdummy0 type dummy 2>/tmp/dummy.err && ip link set pdummy0 up; th
     wait_for 120 has_addr 10.99.0.4; then
     pass network_confirmed_applied "10.99.0.4/24 on pdummy0 (change $id confirmed)"
   else
-    fail network_confirmed_applied "change '${id}': $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ')"
+    fail network_confirmed_applied "change '${id}': $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ') | $(networkctl list --no-pager 2>&1 | grep pdummy0) | $(journalctl -u systemd-networkd -n 4 --no-pager -o cat 2>&1 | tr '\n' ' ')"
   fi
   t_apply=$SECONDS
   id=$(net_apply 10.99.0.5/24 30)

@@ -70,10 +70,16 @@ export const ConfigSchema = z
     networkConfigDir: absPath.default("/etc/systemd/network"),
     /** Command that makes systemd-networkd pick up changed files; empty for none. */
     networkReloadCommand: z.array(z.string().min(1)).default(["networkctl", "reload"]),
+    /** Command that makes systemd-networkd apply the files to the named interfaces now (names appended); empty for none. */
+    networkReconfigureCommand: z.array(z.string().min(1)).default(["networkctl", "reconfigure"]),
     /** The static host name file SetHostname writes. */
     hostnameFile: absPath.default("/etc/hostname"),
-    /** Command that sets the kernel's host name (the name is appended); empty for none. */
-    hostnameCommand: z.array(z.string().min(1)).default(["hostname"]),
+    /**
+     * Command that sets the host name (the name is appended); empty for none. hostnamectl asks
+     * systemd-hostnamed, which works from piccolod's unit (ProtectHostname= gives the daemon a
+     * UTS namespace of its own, where `hostname` would change nothing the host sees).
+     */
+    hostnameCommand: z.array(z.string().min(1)).default(["hostnamectl", "set-hostname"]),
     /**
      * Folders a local backup repository may be in (each folder and what is below it): the places
      * backup drives are mounted. A REST server location is not limited by this.

@@ -150,6 +150,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     stateDir: config.stateDir,
     configDir: config.networkConfigDir,
     reloadCommand: config.networkReloadCommand,
+    reconfigureCommand: config.networkReconfigureCommand,
     hostnameFile: config.hostnameFile,
     hostnameCommand: config.hostnameCommand,
     log: log.child({ area: "network" }),

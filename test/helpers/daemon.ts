@@ -93,6 +93,7 @@ export async function startTestDaemon(options: TestDaemonOptions = {}): Promise<
         // The host's network configuration, host name and drives are never a test daemon's to change.
         "--network-config-dir", join(dir, "systemd-network"),
         "--network-reload-command", "",
+        "--network-reconfigure-command", "",
         "--hostname-file", join(dir, "hostname"),
         "--hostname-command", "",
         "--backup-repository-roots", dir,

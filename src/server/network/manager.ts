@@ -33,6 +33,8 @@ export interface NetworkManagerDeps {
   readonly configDir: string;
   /** Command that makes systemd-networkd pick the files up; empty for none. */
   readonly reloadCommand: readonly string[];
+  /** Command that applies the files to the interfaces named after it now; empty for none. */
+  readonly reconfigureCommand: readonly string[];
   /** The static host name file. */
   readonly hostnameFile: string;
   /** Command that sets the kernel's host name (the name is appended); empty for none. */
@@ -163,23 +165,31 @@ export function createNetworkManager(deps: NetworkManagerDeps): NetworkManager {
     for (const [n, text] of Object.entries(files)) await writeDurable(join(deps.configDir, n), text, 0o644);
   };
 
-  const reload = async (): Promise<void> => {
-    if (deps.reloadCommand.length === 0) return;
-    const [cmd, ...args] = deps.reloadCommand;
-    const r = await runTool(cmd!, args, { signal: AbortSignal.timeout(30_000) }, "systemd-networkd (networkctl) is needed to apply network changes");
+  const runCommand = async (command: readonly string[], extra: readonly string[]): Promise<void> => {
+    if (command.length === 0) return;
+    const [cmd, ...args] = command;
+    const r = await runTool(cmd!, [...args, ...extra], { signal: AbortSignal.timeout(60_000) }, "systemd-networkd (networkctl) is needed to apply network changes");
     if (r.code !== 0) {
-      throw new PiccoloError("unavailable", `${deps.reloadCommand.join(" ")} failed (exit ${r.code}): ${r.stderr.trim()}`, { reason: "HOST_PART_UNAVAILABLE" });
+      throw new PiccoloError("unavailable", `${[...command, ...extra].join(" ")} failed (exit ${r.code}): ${r.stderr.trim()}`, { reason: "HOST_PART_UNAVAILABLE" });
     }
   };
+  /** Reloads networkd's files, then reconfigures the interfaces the change touches (a reload alone may leave an unmanaged link as it is). */
+  const reload = async (interfaces: readonly string[] = []): Promise<void> => {
+    await runCommand(deps.reloadCommand, []);
+    if (interfaces.length > 0) await runCommand(deps.reconfigureCommand, interfaces);
+  };
+  const namesOf = (...sets: Record<string, string>[]): string[] =>
+    [...new Set(sets.flatMap((f) => Object.keys(f).map((n) => n.slice(PREFIX.length, -SUFFIX.length))))].sort();
 
   const revert = (id: string): Promise<void> =>
     serial(async () => {
       const j = await readJournal();
       if (!j || j.id !== id) return;
       log.warn({ change: id }, "network change not confirmed in time: reverting it");
+      const touched = namesOf(j.previous, await ourFiles());
       await replaceFiles(j.previous);
       try {
-        await reload();
+        await reload(touched);
       } catch (e) {
         log.error({ change: id, err: (e as Error).message }, "reloading the network after the revert failed; the previous files are back in place");
       }
@@ -254,12 +264,13 @@ export function createNetworkManager(deps: NetworkManagerDeps): NetworkManager {
         // Journal first: whatever happens from here on, the revert knows what to put back.
         await mkdir(journalDir, { recursive: true, mode: 0o700 });
         await writeDurable(journalFile, JSON.stringify(j), 0o600);
+        const touched = namesOf(j.previous, files);
         try {
           await replaceFiles(files);
-          await reload();
+          await reload(touched);
         } catch (e) {
           await replaceFiles(j.previous).catch(() => undefined);
-          await reload().catch(() => undefined);
+          await reload(touched).catch(() => undefined);
           await rm(journalFile, { force: true });
           throw e;
         }
