@@ -9,7 +9,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { jest } from "@jest/globals";
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ErrorInfo } from "../gen/google/rpc/error_details.js";
@@ -182,6 +182,8 @@ test("ApplyNetworkConfig writes a .network file systemd reads; unconfirmed it re
   const applied = await api.applyNetworkConfig({ interfaces: [staticCfg], confirmTimeoutSeconds: 5 });
   const appliedAt = Date.now();
   expect(applied.files).toEqual([file()]);
+  // systemd-networkd reads it as its own user, whatever piccolod's umask.
+  expect((await stat(file())).mode & 0o777).toBe(0o644);
   const seen = await ok("systemd-analyze", ["cat-config", `--root=${root}`, `systemd/network/50-piccolod-${VA}.network`]);
   expect(seen).toContain(`Name=${VA}`);
   expect(seen).toContain("Address=10.77.0.9/24");

@@ -130,6 +130,8 @@ export function createNetworkManager(deps: NetworkManagerDeps): NetworkManager {
     const tmp = `${path}.${process.pid}.tmp`;
     const fh = await open(tmp, "w", mode);
     try {
+      // The mode must not depend on piccolod's umask: systemd-networkd reads the files as its own user.
+      await fh.chmod(mode);
       await fh.writeFile(text);
       await fh.sync();
     } finally {
