@@ -78,9 +78,15 @@ beforeAll(async () => {
     dns!.stdout!.once("data", () => resolve());
     dns!.once("exit", (c) => reject(new Error(`DNS server exited ${c}`)));
   });
-  d = await startTestDaemon({
-    extraArgs: ["--network-namespace", A, "--network-config-dir", netDir, "--hostname-command", "unshare,-u,hostname"],
-  });
+  // As in piccolod.service (UMask=0077): the daemon inherits this.
+  const umask = process.umask(0o077);
+  try {
+    d = await startTestDaemon({
+      extraArgs: ["--network-namespace", A, "--network-config-dir", netDir, "--hostname-command", "unshare,-u,hostname"],
+    });
+  } finally {
+    process.umask(umask);
+  }
 });
 
 afterAll(async () => {
