@@ -31,6 +31,9 @@ echo
 echo "==> OS update (bench/update.ts; update_engine simulator on a private bus, RAUC as a reference)"
 ensure_debian_packages "dbus-daemon:dbus" "cgpt:cgpt" "sgdisk:gdisk" "gpg:gnupg" "curl:curl" "rauc:rauc"
 node dist/bench/update.js
+echo "==> backup (bench/backup.ts; a private dockerd and swtpm, restic)"
+ensure_debian_packages "dockerd:docker.io" "busybox:busybox-static" "restic:restic" "swtpm:swtpm" "tpm2_flushcontext:tpm2-tools"
+node dist/bench/backup.js
 echo
 echo "==> single executable (bench/sea.ts; flatcar/build.sh)"
 [ -x flatcar/out/piccolod ] || bash flatcar/build.sh >&2

@@ -14,6 +14,8 @@ ensure_debian_packages "systemd-notify:systemd" "python3:python3" \
   "dockerd:docker.io" "busybox:busybox-static" "docker-registry:docker-registry" \
   "git:git" "systemd-analyze:systemd" "dbus-daemon:dbus" "busctl:systemd" "cgpt:cgpt" "sgdisk:gdisk" "gpgv:gpgv" \
   "cryptsetup:cryptsetup-bin" "zstd:zstd" "bzip2:bzip2"
+# Storage, network and backup areas.
+ensure_debian_packages "restic:restic" "losetup:mount" "ping:iputils-ping" "ip:iproute2"
 bash scripts/check.sh
 build_dist
 mkdir -p .test-tmp

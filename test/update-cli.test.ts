@@ -20,6 +20,8 @@ afterAll(async () => {
 function cli(args: readonly string[], endpoint = `unix://${w.d.endpoints.socket}`): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const env: NodeJS.ProcessEnv = { ...process.env };
   for (const k of ["PICCOLO_ENDPOINT", "PICCOLO_TOKEN", "NODE_OPTIONS"]) delete env[k];
+  // Over TCP the CLI needs the daemon's token and certificate pin.
+  if (!endpoint.startsWith("unix:")) Object.assign(env, w.d.cliEnv());
   return new Promise((resolve, reject) => {
     const p = spawn(process.execPath, [CLI_JS, "--endpoint", endpoint, ...args], { env, stdio: ["ignore", "pipe", "pipe"] });
     let stdout = "";

@@ -115,18 +115,53 @@ if [ "$got" = "$secret" ]; then pass credential_reaches_piccolod "\$CREDENTIALS_
 blob=/var/lib/piccolod/credstore/vm-key
 { printf '%-16s' "$(stat -c %s "$blob")"; cat "$blob"; } | dd of="$blob_disk" bs=4096 seek=256 conv=fsync status=none && pass sealed_blob_saved "$(stat -c %s "$blob") bytes"
 
+# The trust and network checks below change things: an admin token, minted on the unix socket.
+ADMIN_TOKEN=$(piccoloctl auth token --role admin --ttl 1h)
+export ADMIN_TOKEN cert
+
 # 6. Trust on the vTPM: the API sees the TPM and makes the identity, and a secret sealed through
 #    SealSecret is read back by a transient unit with LoadCredentialEncrypted=.
-check trust_tpm_present sh -c 'curl -fsS --max-time 120 http://127.0.0.1:8080/api/v1/trust/tpm | grep -o "\"present\":true"'
-check trust_identity sh -c 'curl -fsS --max-time 300 http://127.0.0.1:8080/api/v1/trust/identity | grep -o "\"deviceId\":\"[0-9a-f]*\""'
+# shellcheck disable=SC2016 # expanded by the inner sh, from the exported variables
+check trust_tpm_present sh -c 'curl -fsS --cacert "$cert" -H "authorization: Bearer $ADMIN_TOKEN" --max-time 120 https://127.0.0.1:8080/api/v1/trust/tpm | grep -o "\"present\":true"'
+# shellcheck disable=SC2016
+check trust_identity sh -c 'curl -fsS --cacert "$cert" -H "authorization: Bearer $ADMIN_TOKEN" --max-time 300 https://127.0.0.1:8080/api/v1/trust/identity | grep -o "\"deviceId\":\"[0-9a-f]*\""'
 tvalue="vm-trust-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-if curl -fsS --max-time 300 -X PUT -H 'content-type: application/json' -d "{\"value\":\"$(printf %s "$tvalue" | base64 -w0)\"}" \
-  http://127.0.0.1:8080/api/v1/trust/secrets/vm-trust >/tmp/seal.json 2>&1; then
+if curl -fsS --cacert "$cert" -H "authorization: Bearer $ADMIN_TOKEN" --max-time 300 -X PUT -H 'content-type: application/json' -d "{\"value\":\"$(printf %s "$tvalue" | base64 -w0)\"}" \
+  https://127.0.0.1:8080/api/v1/trust/secrets/vm-trust >/tmp/seal.json 2>&1; then
   got=$(timeout 300 systemd-run --wait --pipe --quiet -p LoadCredentialEncrypted=piccolod_vm-trust:/var/lib/piccolod/secrets/vm-trust \
     systemd-creds cat piccolod_vm-trust 2>/tmp/run.err)
   if [ "$got" = "$tvalue" ]; then pass trust_secret_in_transient_unit "systemd-run with LoadCredentialEncrypted= read it back"; else fail trust_secret_in_transient_unit "got '${got}' ($(tr '\n' ' ' </tmp/run.err))"; fi
 else
   fail trust_secret_in_transient_unit "SealSecret failed: $(cat /tmp/seal.json)"
+fi
+
+# 5. Network try mode on a dummy interface (the guest's own link stays as it is): a confirmed static
+# address is applied live by systemd-networkd; an unconfirmed change is applied, then reverted on
+# time, both in the .network file and in the live addresses.
+net_apply() { curl -fsS --cacert "$cert" -H "authorization: Bearer $ADMIN_TOKEN" --max-time 60 -H 'content-type: application/json' -d "{\"interfaces\":[{\"name\":\"pdummy0\",\"mode\":\"ADDRESSING_MODE_STATIC\",\"addresses\":[\"$1\"]}],\"confirmTimeoutSeconds\":$2}" https://127.0.0.1:8080/api/v1/network/config:apply | sed -n 's/.*"id":"\([^"]*\)".*/\1/p'; }
+has_addr() { ip -4 -o addr show dev pdummy0 2>/dev/null | grep -q " $1/"; }
+wait_for() { local end=$((SECONDS + $1)); shift; while [ $SECONDS -lt "$end" ]; do "$@" && return 0; sleep 1; done; return 1; }
+net_file=/etc/systemd/network/50-piccolod-pdummy0.network
+if ip link add pdummy0 type dummy 2>/tmp/dummy.err && ip link set pdummy0 up; then
+  id=$(net_apply 10.99.0.4/24 120)
+  if [ -n "$id" ] && curl -fsS --cacert "$cert" -H "authorization: Bearer $ADMIN_TOKEN" --max-time 60 -H 'content-type: application/json' -d "{\"id\":\"$id\"}" https://127.0.0.1:8080/api/v1/network/config:confirm >/dev/null &&
+    wait_for 120 has_addr 10.99.0.4; then
+    pass network_confirmed_applied "10.99.0.4/24 on pdummy0 (change $id confirmed)"
+  else
+    fail network_confirmed_applied "change '${id}': $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ') | $(networkctl list --no-pager 2>&1 | grep pdummy0) | $(journalctl -u systemd-networkd -n 4 --no-pager -o cat 2>&1 | tr '\n' ' ')"
+  fi
+  t_apply=$SECONDS
+  id=$(net_apply 10.99.0.5/24 30)
+  if [ -n "$id" ] && wait_for 120 has_addr 10.99.0.5; then pass network_try_applied "10.99.0.5/24 live (change $id, not confirmed)"; else fail network_try_applied "change '${id}': $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ')"; fi
+  reverted() { grep -q 'Address=10.99.0.4/24' "$net_file" && ! has_addr 10.99.0.5 && has_addr 10.99.0.4; }
+  if wait_for 300 reverted; then
+    pass network_reverted "file and live address back to 10.99.0.4/24 $((SECONDS - t_apply)) s after the apply (timeout 30 s)"
+  else
+    fail network_reverted "$(tr '\n' ' ' <"$net_file") | $(ip -4 -o addr show dev pdummy0 | tr '\n' ' ')"
+  fi
+  ip link del pdummy0 2>/dev/null || true
+else
+  fail network_dummy_link "$(cat /tmp/dummy.err)"
 fi
 
 if [ "$failures" -gt 0 ]; then
@@ -135,7 +170,7 @@ if [ "$failures" -gt 0 ]; then
   echo "---"
 fi
 
-# 5. The installed unit verifies in the booted system (slow under emulation, hence last and bounded).
+# 6. The installed unit verifies in the booted system (slow under emulation, hence last and bounded).
 check unit_verifies timeout 300 systemd-analyze verify --man=no /usr/lib/systemd/system/piccolod.service
 
 echo PICCOLO-DONE

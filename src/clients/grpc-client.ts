@@ -7,7 +7,10 @@ import * as grpc from "@grpc/grpc-js";
 import { AuthServiceService } from "../../gen/piccolo/auth/v1/auth.js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
 import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installer.js";
+import { BackupServiceService } from "../../gen/piccolo/backup/v1/backup.js";
+import { NetworkServiceService } from "../../gen/piccolo/network/v1/network.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
+import { StorageServiceService } from "../../gen/piccolo/storage/v1/storage.js";
 import { SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
 import { TrustServiceService } from "../../gen/piccolo/trust/v1/trust.js";
@@ -151,6 +154,9 @@ export interface PiccoloGrpcClients {
   readonly trust: PromiseClient<typeof TrustServiceService>;
   readonly update: PromiseClient<typeof UpdateServiceService>;
   readonly installer: PromiseClient<typeof InstallerServiceService>;
+  readonly storage: PromiseClient<typeof StorageServiceService>;
+  readonly network: PromiseClient<typeof NetworkServiceService>;
+  readonly backup: PromiseClient<typeof BackupServiceService>;
   /** The underlying channel, for services not listed here (e.g. grpc.health.v1). */
   readonly channel: grpc.Client;
   close(): void;
@@ -175,6 +181,9 @@ export function createGrpcClients(options: GrpcClientOptions): PiccoloGrpcClient
     trust: createPromiseClient(channel, TrustServiceService, options),
     update: createPromiseClient(channel, UpdateServiceService, options),
     installer: createPromiseClient(channel, InstallerServiceService, options),
+    storage: createPromiseClient(channel, StorageServiceService, options),
+    network: createPromiseClient(channel, NetworkServiceService, options),
+    backup: createPromiseClient(channel, BackupServiceService, options),
     channel,
     close: () => channel.close(),
   };

@@ -1,5 +1,8 @@
 /** All generated REST clients over one transport. */
 import { AuthServiceRestClient } from "../../gen/piccolo/auth/v1/auth_rest.js";
+import { BackupServiceRestClient } from "../../gen/piccolo/backup/v1/backup_rest.js";
+import { NetworkServiceRestClient } from "../../gen/piccolo/network/v1/network_rest.js";
+import { StorageServiceRestClient } from "../../gen/piccolo/storage/v1/storage_rest.js";
 import { ContainerServiceRestClient } from "../../gen/piccolo/containers/v1/containers_rest.js";
 import { InstallerServiceRestClient } from "../../gen/piccolo/installer/v1/installer_rest.js";
 import { OperationsServiceRestClient } from "../../gen/piccolo/operations/v1/operations_rest.js";
@@ -19,6 +22,9 @@ export interface PiccoloRestClients {
   readonly trust: TrustServiceRestClient;
   readonly update: UpdateServiceRestClient;
   readonly installer: InstallerServiceRestClient;
+  readonly storage: StorageServiceRestClient;
+  readonly network: NetworkServiceRestClient;
+  readonly backup: BackupServiceRestClient;
 }
 
 /** Creates REST clients for the gateway at `options.baseUrl`. */
@@ -33,5 +39,8 @@ export function createRestClients(options: RestTransportOptions): PiccoloRestCli
     trust: new TrustServiceRestClient(t),
     update: new UpdateServiceRestClient(t),
     installer: new InstallerServiceRestClient(t),
+    storage: new StorageServiceRestClient(t),
+    network: new NetworkServiceRestClient(t),
+    backup: new BackupServiceRestClient(t),
   };
 }

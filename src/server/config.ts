@@ -120,6 +120,33 @@ export const ConfigSchema = z
     loginMaxFailures: z.number().int().min(1).max(1000).default(10),
     /** How long a locked user stays locked, in seconds. */
     loginLockSeconds: z.number().int().min(1).max(30 * 86400).default(900),
+    /** Free space (in percent of a filesystem's size) under which a storage alert is raised. */
+    storageAlertThresholdPercent: z.number().min(0).max(100).default(10),
+    /** Time between two looks at the filesystems while someone watches storage alerts. */
+    storageAlertIntervalMs: z.number().int().min(100).max(3_600_000).default(60_000),
+    /** Network namespace the network area reads and checks ("" for the daemon's own); for tests and containers. */
+    networkNamespace: z.string().regex(/^[A-Za-z0-9_.-]{0,64}$/, { message: "expected a network namespace name" }).default(""),
+    /** Folder piccolod writes its systemd-networkd .network files into. */
+    networkConfigDir: absPath.default("/etc/systemd/network"),
+    /** Command that makes systemd-networkd pick up changed files; empty for none. */
+    networkReloadCommand: z.array(z.string().min(1)).default(["networkctl", "reload"]),
+    /** Command that makes systemd-networkd apply the files to the named interfaces now (names appended); empty for none. */
+    networkReconfigureCommand: z.array(z.string().min(1)).default(["networkctl", "reconfigure"]),
+    /** The static host name file SetHostname writes. */
+    hostnameFile: absPath.default("/etc/hostname"),
+    /**
+     * Command that sets the host name (the name is appended); empty for none. hostnamectl asks
+     * systemd-hostnamed, which works from piccolod's unit (ProtectHostname= gives the daemon a
+     * UTS namespace of its own, where `hostname` would change nothing the host sees).
+     */
+    hostnameCommand: z.array(z.string().min(1)).default(["hostnamectl", "set-hostname"]),
+    /**
+     * Folders a local backup repository may be in (each folder and what is below it): the places
+     * backup drives are mounted. A REST server location is not limited by this.
+     */
+    backupRepositoryRoots: z.array(absPath).default(["/var/lib/piccolo/backup", "/media", "/mnt", "/run/media"]),
+    /** The restic binary backups run. */
+    resticBin: z.string().min(1).default("restic"),
   })
   .strict();
 

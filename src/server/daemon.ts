@@ -6,14 +6,19 @@ import { chmod, mkdir, rm, writeFile, rename } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import pino, { type Logger } from "pino";
 import { AuthServiceService } from "../../gen/piccolo/auth/v1/auth.js";
+import { BackupServiceService } from "../../gen/piccolo/backup/v1/backup.js";
 import { ContainerServiceService } from "../../gen/piccolo/containers/v1/containers.js";
+import { NetworkServiceService } from "../../gen/piccolo/network/v1/network.js";
 import { OperationsServiceService } from "../../gen/piccolo/operations/v1/operations.js";
 import { Role } from "../../gen/piccolo/common/v1/access.js";
+import { StorageServiceService } from "../../gen/piccolo/storage/v1/storage.js";
 import { CheckStatus, SystemServiceService } from "../../gen/piccolo/system/v1/system.js";
 import { TaskServiceService } from "../../gen/piccolo/tasks/v1/tasks.js";
 import { UpdateServiceService } from "../../gen/piccolo/update/v1/update.js";
 import { openAuditLog, type AuditLog } from "./audit.js";
 import { createAuth, loadAuthState } from "./auth/index.js";
+import { createBackupManager } from "./backup/manager.js";
+import { createBackupService } from "./backup/service.js";
 import { parseListen, type Config } from "./config.js";
 import { createDockerEngine } from "./containers/docker.js";
 import { buildKind, importKind, pullKind } from "./containers/images.js";
@@ -25,7 +30,12 @@ import { auditInterceptor, loggingInterceptor } from "./interceptors.js";
 import { openJournalStore } from "./operations/journal.js";
 import { createOperationManager, type OperationManager } from "./operations/manager.js";
 import { createOperationsService } from "./operations/service.js";
+import { createNetRunner } from "./network/interfaces.js";
+import { createNetworkManager } from "./network/manager.js";
+import { createNetworkService } from "./network/service.js";
 import { createMethodRegistry } from "./rpc.js";
+import { createStorageService, resealKind } from "./storage/service.js";
+import { createVolumeManager } from "./storage/volumes.js";
 import { diagnosticsKind } from "./system/diagnostics.js";
 import { createHealthChecker, type HealthChecker } from "./system/health.js";
 import { createSystemService } from "./system/service.js";
@@ -202,9 +212,33 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     tpmDevices: config.tpmDevices,
   });
   ops.register(installer.kind);
+  const volumes = createVolumeManager(engine);
+  ops.register(resealKind(config.tpm2Device));
+  const backup = createBackupManager({
+    stateDir: config.stateDir,
+    credentials,
+    engine,
+    volumes,
+    log: log.child({ area: "backup" }),
+    resticBin: config.resticBin,
+    repositoryRoots: config.backupRepositoryRoots,
+  });
+  for (const k of Object.values(backup.kinds)) ops.register(k as never);
   await ops.init();
   await trust.start();
   await update.init();
+  const network = createNetworkManager({
+    runner: createNetRunner(config.networkNamespace),
+    stateDir: config.stateDir,
+    configDir: config.networkConfigDir,
+    reloadCommand: config.networkReloadCommand,
+    reconfigureCommand: config.networkReconfigureCommand,
+    hostnameFile: config.hostnameFile,
+    hostnameCommand: config.hostnameCommand,
+    log: log.child({ area: "network" }),
+  });
+  // A network change left unconfirmed by the last run reverts now (or at its deadline).
+  await network.init();
 
   const audit: AuditLog = await openAuditLog(config.auditLog);
   let auth;
@@ -239,6 +273,21 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   registry.add(TrustServiceService, createTrustService({ trust, ops }), "trust");
   registry.add(UpdateServiceService, createUpdateService({ update, ops }), "update");
   registry.add(InstallerServiceService, createInstallerService({ installer, ops }), "installer");
+  registry.add(
+    StorageServiceService,
+    createStorageService({
+      volumes,
+      ops,
+      credentials,
+      mountInfoFile: config.mountInfoFile,
+      tpm2Device: config.tpm2Device,
+      alertThresholdPercent: config.storageAlertThresholdPercent,
+      alertIntervalMs: config.storageAlertIntervalMs,
+    }),
+    "storage",
+  );
+  registry.add(BackupServiceService, createBackupService({ backup, ops }), "backup");
+  registry.add(NetworkServiceService, createNetworkService({ network, runner: createNetRunner(config.networkNamespace) }), "network");
   registry.add(AuthServiceService, auth.service, "auth");
   const interceptors = [auth.gate.interceptor, loggingInterceptor, auditInterceptor(audit)];
 
@@ -296,6 +345,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
         log.info("stopping: journaling running operations");
         trust.close();
         await ops.shutdown(config.shutdownGraceMs);
+        network.close();
         await grpcServer.shutdown(1000);
         await gateway.close();
         await audit.close();

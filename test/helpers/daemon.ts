@@ -128,6 +128,13 @@ export async function startTestDaemon(options: TestDaemonOptions = {}): Promise<
         "--grpc-listen", "127.0.0.1:0",
         "--rest-listen", "127.0.0.1:0",
         "--log-level", "debug",
+        // The host's network configuration, host name and drives are never a test daemon's to change.
+        "--network-config-dir", join(dir, "systemd-network"),
+        "--network-reload-command", "",
+        "--network-reconfigure-command", "",
+        "--hostname-file", join(dir, "hostname"),
+        "--hostname-command", "",
+        "--backup-repository-roots", dir,
         ...(options.extraArgs ?? []),
       ],
       { env: { ...process.env, NOTIFY_SOCKET: "", ...options.env }, stdio: ["ignore", "pipe", "pipe"] },

@@ -50,6 +50,10 @@ import type {
   WatchEventsRequest,
 } from "../../../gen/piccolo/containers/v1/containers.js";
 import type { GetHealthResponse, GetVersionResponse, RunDiagnosticsRequest } from "../../../gen/piccolo/system/v1/system.js";
+import { BackupServiceService } from "../../../gen/piccolo/backup/v1/backup.js";
+import { InstallerServiceService } from "../../../gen/piccolo/installer/v1/installer.js";
+import { NetworkServiceService } from "../../../gen/piccolo/network/v1/network.js";
+import { StorageServiceService } from "../../../gen/piccolo/storage/v1/storage.js";
 import type {
   AgentService,
   CreateAgentServiceRequest,
@@ -58,8 +62,8 @@ import type {
   ListTaskRunsResponse,
   TaskRun,
 } from "../../../gen/piccolo/tasks/v1/tasks.js";
-import { createGrpcClients, grpcTarget } from "../grpc-client.js";
-import { createRestClients } from "../rest-clients.js";
+import { createGrpcClients, grpcTarget, type PiccoloGrpcClients } from "../grpc-client.js";
+import { createRestClients, type PiccoloRestClients } from "../rest-clients.js";
 import { createPinnedFetch, resolveTrust } from "../tls.js";
 import type { OpenWatch } from "../watch.js";
 import { UsageError } from "./errors.js";
@@ -196,6 +200,27 @@ export interface TasksApi {
   createAgentService(request: CreateAgentServiceRequest): Promise<AgentService>;
 }
 
+/** A service client reduced to what the CLI calls: unary methods, and streams taking the command's signal. */
+export type CliService<D> = {
+  [K in keyof D]: D[K] extends { responseStream: true; requestSerialize: (v: infer Req) => Buffer; responseDeserialize: (b: Buffer) => infer Res }
+    ? (request: Req, signal: AbortSignal) => AsyncIterable<Res>
+    : D[K] extends { requestSerialize: (v: infer Req) => Buffer; responseDeserialize: (b: Buffer) => infer Res }
+      ? (request: Req) => Promise<Res>
+      : never;
+};
+
+/** Binds every method of a generated client (gRPC promise client or REST client) for the CLI. */
+function bindService<D extends Record<string, { responseStream: boolean }>>(
+  definition: D,
+  call: (method: string, request: unknown, stream: boolean, signal: AbortSignal | undefined) => unknown,
+): CliService<D> {
+  const out: Record<string, unknown> = {};
+  for (const [key, def] of Object.entries(definition)) {
+    out[key] = def.responseStream ? (r: unknown, signal: AbortSignal) => call(key, r, true, signal) : (r: unknown) => call(key, r, false, undefined);
+  }
+  return out as CliService<D>;
+}
+
 /** The calls piccoloctl makes. */
 export interface PiccoloApi {
   /** "grpc" or "rest". */
@@ -217,6 +242,14 @@ export interface PiccoloApi {
   readonly update: UpdateApi;
   /** AuthService. */
   readonly auth: AuthApi;
+  /** StorageService. */
+  readonly storage: CliService<typeof StorageServiceService>;
+  /** NetworkService. */
+  readonly network: CliService<typeof NetworkServiceService>;
+  /** BackupService. */
+  readonly backup: CliService<typeof BackupServiceService>;
+  /** InstallerService. */
+  readonly installer: CliService<typeof InstallerServiceService>;
   /** Releases the connection. */
   close(): void;
 }
@@ -316,6 +349,7 @@ export function connectApi(options: ApiOptions): PiccoloApi {
         setPassword: (r) => c.auth.setPassword(r, unary()),
         getAuthInfo: () => c.auth.getAuthInfo({}, unary()),
       },
+      ...restAreas(c, unaryMs, streamMs),
       close: () => undefined,
     };
   }
@@ -370,6 +404,35 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       setPassword: (r) => c.auth.setPassword(r),
       getAuthInfo: () => c.auth.getAuthInfo({}),
     },
+    ...grpcAreas(c, streamMs),
     close: () => c.close(),
   };
+}
+
+/** Services the CLI reaches through the generic binding (every method, either transport). */
+const AREAS = {
+  storage: StorageServiceService,
+  network: NetworkServiceService,
+  backup: BackupServiceService,
+  installer: InstallerServiceService,
+} as const;
+type AreaKey = keyof typeof AREAS;
+type Method = (request: unknown, options: unknown) => unknown;
+
+/** The generically bound services over REST. */
+function restAreas(c: PiccoloRestClients, unaryMs: number, streamMs: number): Pick<PiccoloApi, AreaKey> {
+  const bind = <K extends AreaKey>(k: K): PiccoloApi[K] =>
+    bindService(AREAS[k], (m, r, stream, signal) =>
+      ((c[k] as unknown as Record<string, Method>)[m]!).call(c[k], r, { signal: withDeadline(signal, stream ? streamMs : unaryMs) }),
+    ) as unknown as PiccoloApi[K];
+  return { storage: bind("storage"), network: bind("network"), backup: bind("backup"), installer: bind("installer") };
+}
+
+/** The generically bound services over gRPC. */
+function grpcAreas(c: PiccoloGrpcClients, streamMs: number): Pick<PiccoloApi, AreaKey> {
+  const bind = <K extends AreaKey>(k: K): PiccoloApi[K] =>
+    bindService(AREAS[k], (m, r, stream, signal) =>
+      ((c[k] as unknown as Record<string, Method>)[m]!)(r, stream ? { signal, timeoutMs: streamMs } : {}),
+    ) as unknown as PiccoloApi[K];
+  return { storage: bind("storage"), network: bind("network"), backup: bind("backup"), installer: bind("installer") };
 }

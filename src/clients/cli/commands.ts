@@ -32,6 +32,10 @@ export * from "./tasks.js";
 /** The `update …` commands (update.ts). */
 export * from "./update.js";
 export * from "./install.js";
+/** The `storage …`, `network …` and `backup …` commands. */
+export * from "./storage.js";
+export * from "./network.js";
+export * from "./backup.js";
 
 /** Parses an operation state: "running", "RUNNING" or "OPERATION_STATE_RUNNING"; UsageError otherwise. */
 export function parseOperationState(value: string): OperationState {

@@ -19,9 +19,6 @@ import {
   type PlanInstallRequest,
 } from "../../../gen/piccolo/installer/v1/installer.js";
 import type { OperationEvent } from "../../../gen/piccolo/operations/v1/operations.js";
-import { createGrpcClients } from "../grpc-client.js";
-import { createRestClients } from "../rest-clients.js";
-import { isRestEndpoint } from "./api.js";
 import type { CommandContext } from "./context.js";
 import { UsageError } from "./errors.js";
 import { followOperation, followOptionsFrom } from "./follow-operation.js";
@@ -38,24 +35,14 @@ interface InstallerApi {
 }
 
 function installerApi(c: CommandContext): InstallerApi {
-  const g = c.global;
-  if (isRestEndpoint(g.endpoint)) {
-    const r = createRestClients({ baseUrl: g.endpoint, token: g.token }).installer;
-    return {
-      environment: () => r.getInstallEnvironment({}),
-      disks: () => r.listTargetDisks({}),
-      plan: (req) => r.planInstall(req),
-      install: (req, signal) => r.install(req, { signal }),
-      close: () => undefined,
-    };
-  }
-  const cl = createGrpcClients({ endpoint: g.endpoint, token: g.token, timeoutMs: g.timeout ?? 30_000 });
+  // Through the command's connection, so the token and the pinned certificate apply.
+  const i = c.api.installer;
   return {
-    environment: () => cl.installer.getInstallEnvironment({}),
-    disks: () => cl.installer.listTargetDisks({}),
-    plan: (req) => cl.installer.planInstall(req),
-    install: (req, signal) => cl.installer.install(req, { signal, timeoutMs: g.timeout ?? 0 }),
-    close: () => cl.close(),
+    environment: () => i.getInstallEnvironment({}),
+    disks: () => i.listTargetDisks({}),
+    plan: (req) => i.planInstall(req),
+    install: (req, signal) => i.install(req, signal),
+    close: () => undefined,
   };
 }
 

@@ -12,6 +12,7 @@ import { addAuthCommands } from "./auth-program.js";
 import type { CommandContext, GlobalOptions } from "./commands.js";
 import type { TextSink } from "./progress.js";
 import { addTrustCommands } from "./trust-program.js";
+import { addBackupCommands, addNetworkCommands, addStorageCommands } from "./storage-program.js";
 
 /** The default endpoint when neither --endpoint nor PICCOLO_ENDPOINT is given. */
 export const DEFAULT_ENDPOINT = "unix:///run/piccolod/piccolod.sock";
@@ -161,6 +162,9 @@ export function createProgram(io: CliIo, setExitCode: (code: number) => void): C
   addUpdateCommands(program, run);
   addInstallCommands(program, run);
   addAuthCommands(program, run);
+  addStorageCommands(program, run);
+  addNetworkCommands(program, run);
+  addBackupCommands(program, run);
 
   return program;
 }

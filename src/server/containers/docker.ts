@@ -21,6 +21,16 @@ import { PiccoloError, unavailable } from "../errors.js";
 
 export type { ContainerCreateOptions, ContainerInfo, ContainerInspectInfo, ContainerStats, ImageInfo, ImageInspectInfo };
 
+/** A volume as the engine's /volumes endpoints describe it. */
+export interface VolumeInspectInfo {
+  readonly Name: string;
+  readonly Driver: string;
+  readonly Mountpoint: string;
+  readonly CreatedAt?: string;
+  readonly Labels: Readonly<Record<string, string>> | null;
+  readonly Scope?: string;
+}
+
 /** The engine answered a call with an error status (or reported an error inside a stream). */
 export class DockerApiError extends Error {
   override readonly name = "DockerApiError";
@@ -69,6 +79,8 @@ export interface DockerEngine {
   stopContainer(id: string, graceSeconds: number, signal: AbortSignal): Promise<void>;
   restartContainer(id: string, graceSeconds: number, signal: AbortSignal): Promise<void>;
   unpauseContainer(id: string, signal: AbortSignal): Promise<void>;
+  /** Freezes a running container's processes (used to quiesce apps around a backup). */
+  pauseContainer(id: string, signal: AbortSignal): Promise<void>;
   removeContainer(id: string, options: { force: boolean; volumes: boolean }, signal: AbortSignal): Promise<void>;
   /** The raw log stream: multiplexed frames, or plain bytes for a container with a terminal. */
   containerLogs(id: string, options: LogsOptions, signal: AbortSignal): Promise<AsyncIterable<Buffer>>;
@@ -84,6 +96,14 @@ export interface DockerEngine {
   removeImage(reference: string, force: boolean, signal: AbortSignal): Promise<ImageRemoveInfo[]>;
   /** Pulls; yields the engine's JSON progress messages. */
   pullImage(reference: string, signal: AbortSignal): Promise<AsyncIterable<ProgressMessage>>;
+  /** Lists volumes, optionally only those with every one of the labels ("key=value" or "key"). */
+  listVolumes(options: { labels?: readonly string[] }, signal: AbortSignal): Promise<VolumeInspectInfo[]>;
+  /** Inspects one volume; DockerApiError 404 when there is none. */
+  inspectVolume(name: string, signal: AbortSignal): Promise<VolumeInspectInfo>;
+  /** Creates a volume on the local driver. */
+  createVolume(name: string, labels: Readonly<Record<string, string>>, signal: AbortSignal): Promise<VolumeInspectInfo>;
+  /** Removes a volume; DockerApiError 409 when a container uses it. */
+  removeVolume(name: string, signal: AbortSignal): Promise<void>;
   /** Loads a `docker save` archive; yields the engine's JSON messages. */
   loadImage(archive: Readable, signal: AbortSignal): Promise<AsyncIterable<ProgressMessage>>;
   /** Imports a root filesystem tarball as repo:tag; yields the engine's JSON messages. */
@@ -250,6 +270,9 @@ export function createDockerEngine(socket: string): DockerEngine {
     async unpauseContainer(id, signal) {
       await call(signal, () => docker.getContainer(id).unpause({ abortSignal: signal }));
     },
+    async pauseContainer(id, signal) {
+      await call(signal, () => docker.getContainer(id).pause({ abortSignal: signal }));
+    },
     async removeContainer(id, o, signal) {
       await call(signal, () => docker.getContainer(id).remove({ force: o.force, v: o.volumes, abortSignal: signal }));
     },
@@ -310,6 +333,36 @@ export function createDockerEngine(socket: string): DockerEngine {
     },
     removeImage(reference, force, signal) {
       return call(signal, () => docker.getImage(reference).remove({ force, abortSignal: signal }) as Promise<ImageRemoveInfo[]>);
+    },
+    async listVolumes(o, signal) {
+      const filters = o.labels?.length ? { label: [...o.labels] } : {};
+      const res = await call(signal, () => docker.listVolumes({ filters, abortSignal: signal } as never) as unknown as Promise<unknown>);
+      return ((res as { Volumes?: VolumeInspectInfo[] | null }).Volumes ?? []) as VolumeInspectInfo[];
+    },
+    inspectVolume(name, signal) {
+      return call(signal, () => docker.getVolume(name).inspect({ abortSignal: signal } as never) as unknown as Promise<VolumeInspectInfo>);
+    },
+    createVolume(name, labels, signal) {
+      // dockerode's createVolume answers with a handle only, and would put the signal in the body.
+      return call(
+        signal,
+        () =>
+          new Promise<VolumeInspectInfo>((resolve, reject) =>
+            docker.modem.dial(
+              {
+                path: "/volumes/create?",
+                method: "POST",
+                options: { Name: name, Driver: "local", Labels: { ...labels } },
+                abortSignal: signal,
+                statusCodes: { 200: true, 201: true, 500: "server error" },
+              } as never,
+              (err: unknown, data: unknown) => (err ? reject(err as Error) : resolve(data as VolumeInspectInfo)),
+            ),
+          ),
+      );
+    },
+    async removeVolume(name, signal) {
+      await call(signal, () => docker.getVolume(name).remove({ abortSignal: signal } as never) as unknown as Promise<unknown>);
     },
     pullImage(reference, signal) {
       return progress(signal, () => docker.pull(reference, { abortSignal: signal }) as Promise<NodeJS.ReadableStream>);
