@@ -195,7 +195,15 @@ test("a storage alert is raised when free space falls under the threshold and cl
 test("volumes: create and delete are seen by docker volume ls; deleting one in use is refused and changes nothing", async () => {
   const api = d.grpcUnix().storage;
   const volumeLs = async (): Promise<string[]> =>
-    (await engine.dockerOk(["volume", "ls", "--format", "{{.Name}} {{.Labels}}"])).split("\n").filter(Boolean).sort();
+    (await engine.dockerOk(["volume", "ls", "--format", "{{.Name}} {{.Labels}}"]))
+      .split("\n")
+      .filter(Boolean)
+      // The engine prints a volume's labels in no fixed order.
+      .map((l) => {
+        const [name, labels = ""] = l.split(" ");
+        return `${name} ${labels.split(",").sort().join(",")}`;
+      })
+      .sort();
 
   const a = await api.createVolume({ name: "app-data", labels: { app: "notes" } });
   expect(a).toMatchObject({ name: "app-data", driver: "local", managed: true, labels: { app: "notes" }, containers: [] });

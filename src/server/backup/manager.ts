@@ -8,6 +8,7 @@
  */
 import { randomBytes, createHash } from "node:crypto";
 import { lstat, mkdir, readdir, readFile, rename, rm, stat, writeFile, chmod } from "node:fs/promises";
+import { hostname } from "node:os";
 import { isAbsolute, join, posix } from "node:path";
 import type { Logger } from "pino";
 import { Any } from "../../../gen/google/protobuf/any.js";
@@ -161,6 +162,16 @@ async function treeBytes(dir: string): Promise<number> {
     else if (e.isFile()) total += (await lstat(p).catch(() => ({ size: 0 }))).size;
   }
   return total;
+}
+
+/** Whether a process is running (a zombie, exited but not reaped, is not). */
+async function processAlive(pid: number): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
+  }
 }
 
 /** Creates the backup manager. */
@@ -613,11 +624,8 @@ export function createBackupManager(deps: BackupManagerDeps): BackupManager {
         const cmd = await readFile(`/proc/${j.resticPid}/cmdline`, "utf8");
         if (cmd.split("\0")[0]?.endsWith("restic")) {
           process.kill(j.resticPid, "SIGINT");
-          for (let i = 0; i < 100; i++) {
-            await new Promise((res) => setTimeout(res, 100));
-            if (!(await stat(`/proc/${j.resticPid}`).catch(() => undefined))) break;
-          }
-          if (await stat(`/proc/${j.resticPid}`).catch(() => undefined)) process.kill(j.resticPid, "SIGKILL");
+          for (let i = 0; i < 100 && (await processAlive(j.resticPid)); i++) await new Promise((res) => setTimeout(res, 100));
+          if (await processAlive(j.resticPid)) process.kill(j.resticPid, "SIGKILL");
           said.push(`stopped the restic it had started (pid ${j.resticPid})`);
         }
       } catch {
@@ -625,7 +633,19 @@ export function createBackupManager(deps: BackupManagerDeps): BackupManager {
       }
     }
     try {
-      await (await restic()).ok(["unlock"]);
+      const r = await restic();
+      await r.ok(["unlock"]);
+      // restic keeps a lock whose process still exists; a killed restic that nobody has reaped
+      // (a zombie) does, so its lock survives a plain unlock. When every lock left is that
+      // restic's own, remove them all.
+      if (j.resticPid && !(await processAlive(j.resticPid))) {
+        const ids = (await r.ok(["list", "locks", "--no-lock"])).split("\n").filter(Boolean);
+        const owners = await Promise.all(ids.map(async (id) => JSON.parse(await r.ok(["cat", "lock", id, "--no-lock"])) as { pid?: number; hostname?: string }));
+        if (owners.length > 0 && owners.every((o) => o.pid === j.resticPid && o.hostname === hostname())) {
+          await r.ok(["unlock", "--remove-all"]);
+          said.push(`removed the lock restic (pid ${j.resticPid}) left in the repository`);
+        }
+      }
     } catch (e) {
       said.push(`could not remove restic's stale lock: ${(e as Error).message}`);
     }
