@@ -58,7 +58,7 @@ pid=$(main_pid)
 check runs_as_root sh -c "test \"\$(ps -o user= -p $pid | tr -d ' ')\" = root && echo 'user root, pid $pid'"
 check api_version sh -c "curl -fsS --max-time 60 --cacert $cert -H \"authorization: Bearer \$(piccoloctl auth token --role reader --ttl 10m)\" https://127.0.0.1:8080/api/v1/version | grep -o '\"version\":\"[^\"]*\"'"
 check api_refuses_without_token sh -c "test \"\$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 --cacert $cert https://127.0.0.1:8080/api/v1/version)\" = 401 && echo 401"
-check auth_keys_sealed_to_tpm sh -c 'grep -q "\"sealedWith\":\"tpm2\"" /var/lib/piccolod/credstore.meta/auth-keys.json && piccoloctl auth whoami | grep "^keys"'
+check auth_keys_sealed_to_tpm sh -c 'grep -q "\"sealedWith\":\"tpm2\"" /var/lib/piccolod/secrets.meta/auth-keys.json && piccoloctl auth whoami | grep "^keys"'
 check tpm_seen sh -c 'curl -fsS --max-time 60 --cacert '"$cert"' https://127.0.0.1:8080/api/v1/health | grep -o "\"name\":\"tpm_device\",\"status\":\"CHECK_STATUS_PASS\""'
 
 # 2. kill -9: systemd restarts it within 5 s (a new main process), and the API answers again
