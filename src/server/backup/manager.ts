@@ -639,8 +639,14 @@ export function createBackupManager(deps: BackupManagerDeps): BackupManager {
       // (a zombie) does, so its lock survives a plain unlock. When every lock left is that
       // restic's own, remove them all.
       if (j.resticPid && !(await processAlive(j.resticPid))) {
-        const ids = (await r.ok(["list", "locks", "--no-lock"])).split("\n").filter(Boolean);
-        const owners = await Promise.all(ids.map(async (id) => JSON.parse(await r.ok(["cat", "lock", id, "--no-lock"])) as { pid?: number; hostname?: string }));
+        // --quiet: restic otherwise says on stdout that it reads the password from stdin.
+        const ids = (await r.ok(["list", "locks", "--no-lock", "--quiet"])).split("\n").filter((l) => /^[0-9a-f]{64}$/.test(l.trim()));
+        const owners = await Promise.all(
+          ids.map(async (id) => {
+            const text = await r.ok(["cat", "lock", id.trim(), "--no-lock", "--quiet"]);
+            return JSON.parse(text.slice(text.indexOf("{"))) as { pid?: number; hostname?: string };
+          }),
+        );
         if (owners.length > 0 && owners.every((o) => o.pid === j.resticPid && o.hostname === hostname())) {
           await r.ok(["unlock", "--remove-all"]);
           said.push(`removed the lock restic (pid ${j.resticPid}) left in the repository`);
