@@ -13,7 +13,12 @@
  * A MISS is printed, never an exit status. Free space is checked with df before an image is made,
  * and every file is removed at the end (also on SIGINT/SIGTERM).
  *
- * Options (flags or env): --sizes-mib 1024,4096 (BENCH_INSTALL_SIZES_MIB).
+ * Each size runs `--rounds` rounds (3 by default), dd first in odd rounds and the install first
+ * in even ones, with the source read into the page cache before each run; the figures are
+ * medians, and every run's time is printed too.
+ *
+ * Options (flags or env): --sizes-mib 1024,4096 (BENCH_INSTALL_SIZES_MIB), --rounds 3
+ * (BENCH_INSTALL_ROUNDS).
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createHash, randomFillSync } from "node:crypto";
@@ -32,24 +37,38 @@ const ROOT = resolve(HERE, "../..");
 const DAEMON_JS = join(ROOT, "dist/src/server/main.js");
 const MiB = 1024 * 1024;
 
-function parseSizes(argv: readonly string[]): number[] {
+function parseArgs(argv: readonly string[]): { sizes: number[]; rounds: number } {
   let v = process.env["BENCH_INSTALL_SIZES_MIB"] ?? "1024,4096";
+  let rounds = Number(process.env["BENCH_INSTALL_ROUNDS"] ?? 3);
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--help" || argv[i] === "-h") {
-      process.stdout.write("usage: node dist/bench/install.js [--sizes-mib 1024,4096]\n");
+      process.stdout.write("usage: node dist/bench/install.js [--sizes-mib 1024,4096] [--rounds 3]\n");
       process.exit(0);
     }
     if (argv[i] === "--sizes-mib") v = argv[++i] ?? "";
+    if (argv[i] === "--rounds") rounds = Number(argv[++i]);
   }
+  if (!Number.isInteger(rounds) || rounds < 1) throw new Error(`--rounds: a whole number ≥ 1, got ${rounds}`);
   const sizes = v.split(",").map(Number);
   if (sizes.some((n) => !Number.isInteger(n) || n < 64)) throw new Error(`--sizes-mib: whole numbers ≥ 64, got ${v}`);
-  return sizes;
+  return { sizes, rounds };
 }
 
 /** Free bytes on the filesystem holding `dir`, from df. */
 function freeBytes(dir: string): number {
   const out = spawnSync("df", ["-B1", "--output=avail", dir], { encoding: "utf8" }).stdout.trim().split("\n").pop() ?? "0";
   return Number(out);
+}
+
+const median = (xs: readonly number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+
+/** Reads a file once so that both sides start with the source in the page cache. */
+function warm(path: string): void {
+  spawnSync("cat", [path], { stdio: ["ignore", "ignore", "ignore"] });
 }
 
 function timed(cmd: string, args: string[]): number {
@@ -105,7 +124,7 @@ async function startDaemon(dir: string, images: string, targets: string, keyring
 const mibps = (bytes: number, s: number): string => `${(bytes / MiB / s).toFixed(0)} MiB/s`;
 
 async function main(): Promise<void> {
-  const sizes = parseSizes(process.argv.slice(2));
+  const { sizes, rounds } = parseArgs(process.argv.slice(2));
   if (!existsSync(DAEMON_JS)) throw new Error(`${DAEMON_JS} is missing: npm run build first`);
   const dir = mkdtempSync(join(tmpdir(), "piccolo-bench-install-"));
   const images = join(dir, "images");
@@ -138,40 +157,62 @@ async function main(): Promise<void> {
       await writeFile(`${src}.sha256`, `${sha}  ${src}\n`);
       await writeFile(`${src}.asc`, key.signature(src));
 
-      // dd, then sha256sum of the copy.
-      const ddTarget = join(targets, "dd.img");
-      spawnSync("sync");
-      const tDd = timed("dd", [`if=${src}`, `of=${ddTarget}`, "bs=4M", "conv=fsync", "status=none"]);
-      const tSum = timed("sha256sum", [ddTarget]);
-      rmSync(ddTarget);
-      spawnSync("sync");
-
-      // Install.
-      const target = sparseTarget(join(targets, "install.img"), bytes + 64 * MiB);
-      const spec = { target, imagePath: src };
-      const t0 = performance.now();
-      const plan = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
-      const events: { ev: OperationEvent; t: number }[] = [];
-      for await (const ev of api.installer.install(InstallRequest.fromPartial({ spec, confirmationToken: plan.confirmationToken }))) {
-        events.push({ ev, t: performance.now() });
+      // Rounds in alternating order (dd first, then install first, …), the source read into the
+      // page cache before each run: this machine's disk and page cache vary a lot from minute to
+      // minute, so one run of each in a fixed order measures the order more than the writer.
+      const runs = { dd: [] as number[], sum: [] as number[], write: [] as number[], whole: [] as number[] };
+      let phases: string[] = [];
+      const runDd = (): void => {
+        const ddTarget = join(targets, "dd.img");
+        warm(src);
+        runs.dd.push(timed("dd", [`if=${src}`, `of=${ddTarget}`, "bs=4M", "conv=fsync", "status=none"]));
+        runs.sum.push(timed("sha256sum", [ddTarget]));
+        rmSync(ddTarget);
+        spawnSync("sync");
+      };
+      const runInstall = async (): Promise<void> => {
+        const target = sparseTarget(join(targets, "install.img"), bytes + 64 * MiB);
+        const spec = { target, imagePath: src };
+        warm(src);
+        const t0 = performance.now();
+        const plan = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
+        const events: { ev: OperationEvent; t: number }[] = [];
+        for await (const ev of api.installer.install(InstallRequest.fromPartial({ spec, confirmationToken: plan.confirmationToken }))) {
+          events.push({ ev, t: performance.now() });
+        }
+        runs.whole.push((performance.now() - t0) / 1000);
+        const end = events[events.length - 1]!.ev.outcome;
+        if (end?.state !== OperationState.OPERATION_STATE_SUCCEEDED) throw new Error(`install failed: ${end?.error?.message}`);
+        const first = (phase: string): number => events.find((e) => e.ev.progress?.phase === phase)!.t;
+        runs.write.push((first("readback") - first("write")) / 1000);
+        phases = ["verify", "write", "readback", "partition", "commit"].map((p, i, a) => {
+          const next = a[i + 1];
+          return `${p} ${(((next ? first(next) : events[events.length - 1]!.t) - first(p)) / 1000).toFixed(2)} s`;
+        });
+        rmSync(target);
+        spawnSync("sync");
+      };
+      for (let r = 0; r < rounds; r++) {
+        if (r % 2 === 0) {
+          runDd();
+          await runInstall();
+        } else {
+          await runInstall();
+          runDd();
+        }
       }
-      const tInstall = (performance.now() - t0) / 1000;
-      const end = events[events.length - 1]!.ev.outcome;
-      if (end?.state !== OperationState.OPERATION_STATE_SUCCEEDED) throw new Error(`install failed: ${end?.error?.message}`);
-      const first = (phase: string): number => events.find((e) => e.ev.progress?.phase === phase)!.t;
-      const tWrite = (first("readback") - first("write")) / 1000;
-      const phases = ["verify", "write", "readback", "partition", "commit"].map((p, i, a) => {
-        const next = a[i + 1];
-        return `${p} ${(((next ? first(next) : events[events.length - 1]!.t) - first(p)) / 1000).toFixed(2)} s`;
-      });
-      rmSync(target);
       rmSync(src);
       rmSync(`${src}.asc`);
       rmSync(`${src}.sha256`);
+      const tDd = median(runs.dd);
+      const tSum = median(runs.sum);
+      const tWrite = median(runs.write);
+      const tInstall = median(runs.whole);
+      const list = (xs: number[]): string => xs.map((x) => x.toFixed(1)).join("/");
 
       const ratio = tDd / tWrite;
       const ratioAll = (tDd + tSum) / tInstall;
-      console.log(`${sizeMib} MiB image:`);
+      console.log(`${sizeMib} MiB image, median of ${rounds} rounds (dd runs ${list(runs.dd)} s; write phases ${list(runs.write)} s):`);
       console.log(`  dd alone                 ${tDd.toFixed(2)} s  ${mibps(bytes, tDd)}`);
       console.log(`  dd + sha256sum           ${(tDd + tSum).toFixed(2)} s  ${mibps(bytes, tDd + tSum)}`);
       console.log(`  install, write phase     ${tWrite.toFixed(2)} s  ${mibps(bytes, tWrite)}  ratio to dd ${ratio.toFixed(2)}  (target ≥ 0.95: ${ratio >= 0.95 ? "MET" : "MISS"})`);
