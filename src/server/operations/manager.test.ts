@@ -126,6 +126,32 @@ test("rate and ETA are derived from bytes when the worker leaves them out", asyn
   expect(last.eta?.seconds ?? -1).toBeGreaterThanOrEqual(0);
 });
 
+test("a phase that ends within the first rate window still reports its average rate at its end", async () => {
+  const m = await manager(
+    [
+      kind({
+        async run(_r, ctx) {
+          ctx.progress({ phase: "copy", bytesDone: 0, bytesTotal: 8_000_000 });
+          await new Promise((r) => setTimeout(r, 40));
+          ctx.progress({ phase: "copy", bytesDone: 4_000_000, bytesTotal: 8_000_000 });
+          await new Promise((r) => setTimeout(r, 40));
+          ctx.progress({ phase: "copy", bytesDone: 8_000_000, bytesTotal: 8_000_000 });
+          ctx.progress({ phase: "next", bytesDone: 0, bytesTotal: 0 });
+          return undefined;
+        },
+      }),
+    ],
+    0,
+  );
+  const op = await m.start("test.work", { n: 1 }, "t");
+  const copies = (await collect(m, op.id)).filter((e) => e.progress?.phase === "copy").map((e) => e.progress!);
+  const end = copies.find((p) => p.bytesDone === 8_000_000)!;
+  // 8 MB in about 80 ms (timers run late on a busy machine, never early): at most 100 MB/s.
+  expect(end.bytesPerSecond).toBeGreaterThan(1_000_000);
+  expect(end.bytesPerSecond).toBeLessThanOrEqual(100_000_000);
+  expect(copies.filter((p) => p.bytesDone < 8_000_000).every((p) => p.bytesPerSecond === 0)).toBe(true);
+});
+
 test("cancel stops the worker and ends CANCELLED; cancelling an ended operation is refused", async () => {
   const m = await manager([
     kind({

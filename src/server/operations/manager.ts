@@ -247,10 +247,13 @@ export function createOperationManager(options: OperationManagerOptions): Operat
         message: p.message ?? "",
         items: p.items ?? [],
       };
+      // The rate is measured from the phase's first report: smoothed over windows of 0.25 s or
+      // more, and for a phase that ends before the first window closes, its average at the end.
+      if (rate.phase !== phase || merged.bytesDone < rate.bytes) Object.assign(rate, { t: now, bytes: merged.bytesDone, phase, bps: 0 });
       if (p.bytesPerSecond === undefined && merged.bytesDone > 0) {
-        if (rate.phase !== phase || merged.bytesDone < rate.bytes) Object.assign(rate, { t: now, bytes: 0, phase, bps: 0 });
         const dt = (now - rate.t) / 1000;
-        if (dt >= 0.25) {
+        const ended = merged.bytesTotal > 0 && merged.bytesDone >= merged.bytesTotal;
+        if (dt >= 0.25 || (ended && rate.bps === 0 && dt >= 0.005 && merged.bytesDone > rate.bytes)) {
           const inst = (merged.bytesDone - rate.bytes) / dt;
           rate.bps = rate.bps === 0 ? inst : 0.7 * rate.bps + 0.3 * inst;
           rate.t = now;
