@@ -36,7 +36,7 @@ import { fingerprint, growLastPartition, HEAD_BYTES, parseGpt, partitionNamed, S
 import { checkIgnition, encryptedGrubCfg, encryptedIgnition, generateIgnition } from "./ignition.js";
 import { detectCompression, openImage, readImageHead, type Compression } from "./image.js";
 import { makeTpm2Luks, newRecoveryKey } from "./luks.js";
-import { readBack, writeImage, zeroRange } from "./writer.js";
+import { readBack, writeImage, zeroRange, type WriteResult } from "./writer.js";
 
 /** Operation kind of Install. */
 export const INSTALL_KIND = "installer.install";
@@ -580,15 +580,23 @@ export function createInstaller(deps: InstallerDeps): Installer {
       await zeroRange(fh, p.targetBytes - HEAD_BYTES, HEAD_BYTES);
       await fh.sync();
       report("write", 0, `writing ${basename(p.imagePath)} to ${p.target}`, 0, p.imageBytes);
-      const img = openImage(p.imagePath, p.compression, signal);
-      const w = await writeImage({
-        source: img.stream,
-        target: fh,
-        capacity: p.targetBytes,
-        signal,
-        onProgress: (n) => report("write", n / p.imageBytes, `writing to ${p.target}`, n, p.imageBytes),
-      });
-      await img.done;
+      // An uncompressed image is read straight into the write blocks; a compressed one streams
+      // through its decompressor.
+      const raw = p.compression === "none" ? await open(p.imagePath, "r") : undefined;
+      const img = raw ? undefined : openImage(p.imagePath, p.compression, signal);
+      let w: WriteResult;
+      try {
+        w = await writeImage({
+          source: raw ?? img!.stream,
+          target: fh,
+          capacity: p.targetBytes,
+          signal,
+          onProgress: (n) => report("write", n / p.imageBytes, `writing to ${p.target}`, n, p.imageBytes),
+        });
+        await img?.done;
+      } finally {
+        await raw?.close();
+      }
       if (w.bytes !== p.imageBytes) {
         throw invalidArgument("spec.image_path", `the image is ${w.bytes} bytes once decompressed, but its GPT says ${p.imageBytes}`);
       }

@@ -4,7 +4,7 @@
  * first MiB (protective MBR and primary GPT) so it can be written last. Then the read-back pass.
  */
 import type { FileHandle } from "node:fs/promises";
-import type { Readable } from "node:stream";
+import { Readable } from "node:stream";
 import { Worker } from "node:worker_threads";
 import { PiccoloError } from "../errors.js";
 import { HEAD_BYTES } from "./gpt.js";
@@ -39,7 +39,12 @@ export interface WriteResult {
 
 /** Options of writeImage. */
 export interface WriteOptions {
-  readonly source: Readable;
+  /**
+   * The decompressed image: a stream, or an open file when the image is not compressed, which is
+   * then read straight into the write blocks (no per-chunk buffers for the kernel to fault in and
+   * no copy).
+   */
+  readonly source: Readable | FileHandle;
   readonly target: FileHandle;
   /** Largest image that fits the target, in bytes. */
   readonly capacity: number;
@@ -150,15 +155,26 @@ export async function writeImage(o: WriteOptions): Promise<WriteResult> {
   };
 
   try {
-    for await (const chunk of o.source) {
-      if (o.signal.aborted) throw o.signal.reason;
-      let c = chunk as Buffer;
-      while (c.length > 0) {
-        const n = Math.min(c.length, BLOCK_BYTES - fill);
-        c.copy(block, fill, 0, n);
-        fill += n;
-        c = c.subarray(n);
+    if (!(o.source instanceof Readable)) {
+      for (let pos = 0; ; ) {
+        if (o.signal.aborted) throw o.signal.reason;
+        const { bytesRead } = await o.source.read(block, fill, BLOCK_BYTES - fill, pos);
+        if (bytesRead === 0) break;
+        pos += bytesRead;
+        fill += bytesRead;
         if (fill === BLOCK_BYTES) await dispatch(BLOCK_BYTES);
+      }
+    } else {
+      for await (const chunk of o.source) {
+        if (o.signal.aborted) throw o.signal.reason;
+        let c = chunk as Buffer;
+        while (c.length > 0) {
+          const n = Math.min(c.length, BLOCK_BYTES - fill);
+          c.copy(block, fill, 0, n);
+          fill += n;
+          c = c.subarray(n);
+          if (fill === BLOCK_BYTES) await dispatch(BLOCK_BYTES);
+        }
       }
     }
     if (fill > 0) await dispatch(fill);
