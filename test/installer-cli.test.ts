@@ -44,7 +44,7 @@ beforeAll(async () => {
   key.sign(image);
   await rm(raw.raw); // the live medium carries only the signed, compressed image
   d = await startTestDaemon({
-    extraArgs: ["--installer-image-dirs", images, "--installer-file-target-dirs", targets, "--installer-keyrings", key.keyring, "--installer-min-disk-bytes", "0"],
+    extraArgs: ["--installer-image-dirs", images, "--installer-file-target-dirs", targets, "--signing-key-files", key.keyring, "--installer-min-disk-bytes", "0"],
   });
 }, 120_000);
 

@@ -565,7 +565,7 @@ export function createInstaller(deps: InstallerDeps): Installer {
         }
         return h.digest("hex");
       })();
-      const [digest, sig] = await Promise.all([hashing, deps.verifier.verifyDetached(p.imagePath, p.signature, "spec.signature", signal)]);
+      const [digest, sig] = await Promise.all([hashing, deps.verifier.verifyFile(p.imagePath, p.signature, "spec.signature", signal)]);
       if (digest !== p.sha256) {
         throw invalidArgument("spec.sha256", `the image's SHA-256 is ${digest}, not the expected ${p.sha256}; the image is damaged or not the one that was published`);
       }
