@@ -202,6 +202,9 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   const installer = createInstaller({
     inventory: createDiskInventory(),
     verifier: update.verifier,
+    downloadDir: join(config.stateDir, "installer", "downloads"),
+    releaseSource: () => update.releaseSource(),
+    downloadRetries: config.updateDownloadRetries,
     log: log.child({ area: "installer" }),
     imageDirs: config.installerImageDirs,
     fileTargetDirs: config.installerFileTargetDirs,
