@@ -95,5 +95,7 @@ test("install run: refused unless confirmed; with --yes it installs with progres
   expect(readPartitions(target2).map((p) => p.name)).toEqual(["EFI-SYSTEM", "BIOS-BOOT", "USR-A", "USR-B", "OEM", "ROOT"]);
   const bad = await cli(["install", "run", target2, "--image", image, "--live"]);
   expect(bad.code).toBe(2);
-  expect(bad.stderr).toMatch(/exactly one of --image PATH and --live/);
+  expect(bad.stderr).toMatch(/exactly one of --image PATH, --live and --version V/);
+  const both = await cli(["install", "plan", target2, "--version", "1.2.3", "--live"]);
+  expect(both.code).toBe(2);
 });

@@ -5,6 +5,7 @@
  * files. Refusals — a signature by an unknown key, a flipped byte, downloads that keep breaking —
  * leave the target's bytes as they were; a partial download is kept and resumed by the next install.
  */
+import { spawn } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
 import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -12,7 +13,7 @@ import { join } from "node:path";
 import { InstallRequest, InstallResult, PlanInstallRequest, type InstallSpec } from "../gen/piccolo/installer/v1/installer.js";
 import { OperationState, type OperationEvent } from "../gen/piccolo/operations/v1/operations.js";
 import type { PiccoloGrpcClients } from "../src/clients/grpc-client.js";
-import { startTestDaemon, type TestDaemon } from "./helpers/daemon.js";
+import { CLI_JS, startTestDaemon, type TestDaemon } from "./helpers/daemon.js";
 import { attachLoop, buildFlatcarImage, compress, detachLoops, makeSigningKey, readPartitions, sha256Of, sparseTarget, type FlatcarImage, type SigningKey } from "./helpers/flatcar-image.js";
 import { installImageFile, startUpdateServer, type Release, type UpdateServer } from "./sim/update-server.js";
 
@@ -232,4 +233,32 @@ test('"latest" resolves to the newest version; a release re-published after the 
   expect(outcome(events).state).toBe(OperationState.OPERATION_STATE_SUCCEEDED);
   expect(resultOf(events)).toMatchObject({ imageVersion: "1.3.0", bytesWritten: image.bytes });
   expectImageOn(target);
+}, 120_000);
+
+test("piccoloctl install plan|run --version: the plan shows the download; run installs it", async () => {
+  const target = sparseTarget(join(targets, "cli.img"), 128 * MiB);
+  const cli = (args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> =>
+    new Promise((resolve) => {
+      const p = spawn(process.execPath, [CLI_JS, ...args], {
+        env: { ...process.env, ...d.cliEnv(), PICCOLO_ENDPOINT: `unix://${d.endpoints.socket}` },
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      let stdout = "";
+      let stderr = "";
+      p.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
+      p.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
+      p.on("close", (code) => resolve({ code, stdout, stderr }));
+    });
+  const plan = await cli(["install", "plan", target, "--version", "1.2.3"]);
+  expect({ code: plan.code, stderr: plan.code === 0 ? "" : plan.stderr }).toEqual({ code: 0, stderr: "" });
+  expect(plan.stdout).toMatch(/version 1\.2\.3/);
+  expect(plan.stdout).toContain(`download: ${server.url}/api/v1/images/download/1.2.3?type=install`);
+  expect(plan.stdout).toContain(r123.sha256);
+  const run = await cli(["install", "run", target, "--version", "1.2.3", "--yes"]);
+  expect({ code: run.code, stderr: run.code === 0 ? "" : run.stderr }).toEqual({ code: 0, stderr: "" });
+  expect(run.stdout).toMatch(/SUCCEEDED/);
+  expectImageOn(target);
+  const missing = await cli(["install", "plan", target, "--version", "7.7.7"]);
+  expect(missing.code).not.toBe(0);
+  expect(missing.stderr).toMatch(/spec.version: the update server .* has no version "7.7.7"/);
 }, 120_000);
