@@ -44,7 +44,7 @@ beforeAll(async () => {
   key.sign(image);
   await rm(raw.raw); // the live medium carries only the signed, compressed image
   d = await startTestDaemon({
-    extraArgs: ["--installer-image-dirs", images, "--installer-file-target-dirs", targets, "--signing-key-files", key.keyring, "--installer-min-disk-bytes", "0"],
+    extraArgs: ["--installer-image-dirs", images, "--installer-file-target-dirs", targets, "--installer-keyrings", key.keyring, "--installer-min-disk-bytes", "0"],
   });
 }, 120_000);
 
@@ -52,6 +52,11 @@ afterAll(async () => {
   await d?.cleanup();
   key?.cleanup();
   if (work) await rm(work, { recursive: true, force: true });
+});
+
+test("the old key --installer-keyrings still works (the installs below check against it) and is logged as deprecated", () => {
+  const line = d.output().split("\n").find((l) => l.includes('"msg":"deprecated configuration key"'));
+  expect(line).toMatch(/installerKeyrings \(from flag --installer-keyrings\) is deprecated: use signingKeyFiles/);
 });
 
 test("install env, disks and plan; plan changes nothing", async () => {
