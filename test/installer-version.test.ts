@@ -202,7 +202,7 @@ test("a signature by an unknown key, and an image with one flipped byte, are ref
   expect((await readdir(downloads())).filter((f) => !f.endsWith(".part") && existsSync(join(downloads(), f)))).toEqual([]);
 }, 120_000);
 
-test("an unknown version is NOT_FOUND naming spec.version over gRPC and 404 over REST; a bad one is INVALID_ARGUMENT", async () => {
+test("an unknown version is NOT_FOUND naming spec.version over gRPC and 404 over REST; a bad one is INVALID_ARGUMENT; one without an install image FAILED_PRECONDITION", async () => {
   const target = sparseTarget(join(targets, "nf.img"), 128 * MiB);
   await expect(api.installer.planInstall(PlanInstallRequest.fromPartial({ spec: { target, version: "7.7.7" } }))).rejects.toMatchObject({
     code: 5,
@@ -212,6 +212,13 @@ test("an unknown version is NOT_FOUND naming spec.version over gRPC and 404 over
   expect(res.status).toBe(404);
   expect(JSON.stringify(await res.json())).toContain("spec.version");
   await expect(api.installer.planInstall(PlanInstallRequest.fromPartial({ spec: { target, version: "../x" } }))).rejects.toMatchObject({ code: 3, details: expect.stringMatching(/^spec.version/) });
+  // A release with only an update payload cannot be installed from the server.
+  const { installImage: _none, ...updateOnly } = r123;
+  server.add({ ...updateOnly, version: "1.0.0" });
+  await expect(api.installer.planInstall(PlanInstallRequest.fromPartial({ spec: { target, version: "1.0.0" } }))).rejects.toMatchObject({
+    code: 9,
+    details: expect.stringMatching(/^spec.version: the update server .* publishes no install image for version 1.0.0/),
+  });
 });
 
 test('"latest" resolves to the newest version; a release re-published after the plan makes its token stale', async () => {
