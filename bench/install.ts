@@ -108,7 +108,7 @@ async function startDaemon(dir: string, images: string, targets: string, keyring
     "--log-level", "warn",
     "--installer-image-dirs", images,
     "--installer-file-target-dirs", targets,
-    "--installer-keyrings", keyring,
+    "--signing-key-files", keyring,
     "--installer-min-disk-bytes", "0",
   ], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, NOTIFY_SOCKET: "" } });
   for (let i = 0; i < 400; i++) {

@@ -100,7 +100,7 @@ async function main(): Promise<void> {
     const release = await makeRelease(join(work, "release"), key, "1.1.0", mib * MiB);
     server = await startUpdateServer([release]);
     await writeFile(join(work, "key.asc"), key.publicKey);
-    daemon = await startDaemon(join(work, "piccolod"), [...rig.daemonArgs(), "--update-server", server.url, "--update-signing-key-files", join(work, "key.asc")]);
+    daemon = await startDaemon(join(work, "piccolod"), [...rig.daemonArgs(), "--update-server", server.url, "--signing-key-files", join(work, "key.asc")]);
     const api = createGrpcClients({ endpoint: `unix://${daemon.socket}` });
     const url = `${server.url}/api/v1/images/download/1.1.0?type=update`;
     const imageBytes = release.image.length;

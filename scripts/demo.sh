@@ -56,7 +56,7 @@ if [ "${PICCOLO_DEMO_UPDATE:-1}" = 1 ] && command -v dbus-daemon >/dev/null && c
     const fs = require("fs");
     const rig = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
     const srv = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-    for (const a of [...rig.daemonArgs, "--update-server", srv.url, "--update-signing-key-files", srv.keyFile]) console.log(a);
+    for (const a of [...rig.daemonArgs, "--update-server", srv.url, "--signing-key-files", srv.keyFile]) console.log(a);
   ' "$demo/update-rig.json" "$demo/update-server.json" 2>>"$demo/update.log" || true)
 fi
 

@@ -54,6 +54,11 @@ afterAll(async () => {
   if (work) await rm(work, { recursive: true, force: true });
 });
 
+test("the old key --installer-keyrings still works (the installs below check against it) and is logged as deprecated", () => {
+  const line = d.output().split("\n").find((l) => l.includes('"msg":"deprecated configuration key"'));
+  expect(line).toMatch(/installerKeyrings \(from flag --installer-keyrings\) is deprecated: use signingKeyFiles/);
+});
+
 test("install env, disks and plan; plan changes nothing", async () => {
   const env = await cli(["install", "env"]);
   expect(env.code).toBe(0);
@@ -95,5 +100,7 @@ test("install run: refused unless confirmed; with --yes it installs with progres
   expect(readPartitions(target2).map((p) => p.name)).toEqual(["EFI-SYSTEM", "BIOS-BOOT", "USR-A", "USR-B", "OEM", "ROOT"]);
   const bad = await cli(["install", "run", target2, "--image", image, "--live"]);
   expect(bad.code).toBe(2);
-  expect(bad.stderr).toMatch(/exactly one of --image PATH and --live/);
+  expect(bad.stderr).toMatch(/exactly one of --image PATH, --live and --version V/);
+  const both = await cli(["install", "plan", target2, "--version", "1.2.3", "--live"]);
+  expect(both.code).toBe(2);
 });

@@ -39,7 +39,7 @@ beforeAll(async () => {
     extraArgs: [
       "--installer-image-dirs", join(work, "images"),
       "--installer-file-target-dirs", join(work, "targets"),
-      "--installer-keyrings", key.keyring,
+      "--signing-key-files", key.keyring,
       "--installer-min-disk-bytes", "0",
       "--tpm2-device", tpm.tcti,
     ],

@@ -88,7 +88,7 @@ beforeAll(async () => {
     extraArgs: [
       "--installer-image-dirs", images,
       "--installer-file-target-dirs", targets,
-      "--installer-keyrings", key.keyring,
+      "--signing-key-files", key.keyring,
       "--installer-min-disk-bytes", "0",
       "--mount-info-file", join(work, "mountinfo"),
       "--kernel-cmdline-file", join(work, "cmdline"),

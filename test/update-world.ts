@@ -36,7 +36,7 @@ export async function startUpdateWorld(o: { bytes?: number; rig?: UpdateRigOptio
   const keyFile = join(dir, "signing-keys.asc");
   await writeFile(keyFile, key.publicKey);
   const d = await startTestDaemon({
-    extraArgs: [...rig.daemonArgs(), "--update-server", server.url, "--update-signing-key-files", keyFile, "--update-download-retries", "2", ...(o.daemonArgs ?? [])],
+    extraArgs: [...rig.daemonArgs(), "--update-server", server.url, "--signing-key-files", keyFile, "--update-download-retries", "2", ...(o.daemonArgs ?? [])],
   });
   const w: UpdateWorld = {
     dir,

@@ -61,3 +61,17 @@ test("parseListen", () => {
   expect(parseListen("host")).toBeUndefined();
   expect(parseListen("h:70000")).toBeUndefined();
 });
+
+test("the old signing key lists are read as signingKeyFiles, with a deprecation note; signingKeyFiles wins", () => {
+  expect(loadConfig({ argv: [], env: {} })).toMatchObject({ signingKeyFiles: ["/usr/share/piccolod/signing-keys.asc"], deprecatedKeys: [] });
+  const old = loadConfig({ argv: ["--installer-keyrings", "/k/a.gpg", "--update-signing-key-files", "/k/b.asc,/k/a.gpg"], env: {} });
+  expect(old.signingKeyFiles).toEqual(["/k/b.asc", "/k/a.gpg"]);
+  expect(old.deprecatedKeys).toEqual([
+    expect.stringMatching(/^updateSigningKeyFiles \(from flag --update-signing-key-files\) is deprecated: use signingKeyFiles/),
+    expect.stringMatching(/^installerKeyrings \(from flag --installer-keyrings\) is deprecated: use signingKeyFiles/),
+  ]);
+  expect("installerKeyrings" in old).toBe(false);
+  const both = loadConfig({ argv: ["--signing-key-files", "/k/new.asc"], env: { PICCOLOD_INSTALLER_KEYRINGS: "/k/a.gpg" } });
+  expect(both.signingKeyFiles).toEqual(["/k/new.asc"]);
+  expect(both.deprecatedKeys).toEqual([expect.stringMatching(/installerKeyrings \(from env PICCOLOD_INSTALLER_KEYRINGS\).*also set and wins/)]);
+});

@@ -81,8 +81,14 @@ export const ConfigSchema = z
     updateServer: z.string().url().default("https://updates.piccolo.space"),
     /** Update channel (group) asked for. */
     updateChannel: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/).default("stable"),
-    /** Files holding the armored public keys that sign Piccolo update payloads. */
-    updateSigningKeyFiles: z.array(absPath).default(["/usr/share/piccolod/signing-keys.asc"]),
+    /**
+     * Files holding the public keys that sign Piccolo's update payloads and install images: armored
+     * (gpg --armor --export) or binary keyrings (gpg --export). The updater and the installer both
+     * check against them (SetUpdateConfig's signing_keys replace them at run time).
+     */
+    signingKeyFiles: z.array(absPath).default(["/usr/share/piccolod/signing-keys.asc"]),
+    /** Deprecated: the old name of signingKeyFiles (updater only); still read, with a warning. */
+    updateSigningKeyFiles: z.array(absPath).optional(),
     /** update_engine's configuration file, whose SERVER= piccolod points at itself during an update. */
     updateConfFile: absPath.default("/etc/flatcar/update.conf"),
     /** The boot disk with USR-A/USR-B; "" finds it from mountInfoFile. */
@@ -97,8 +103,8 @@ export const ConfigSchema = z
     installerImageDirs: z.array(absPath).default(["/run/piccolo/live/images"]),
     /** Installer: folders whose image files may be install targets (VM images, tests); empty allows block devices only. */
     installerFileTargetDirs: z.array(absPath).default([]),
-    /** Installer: OpenPGP keyrings (gpg --export) holding the keys that sign Piccolo images. */
-    installerKeyrings: z.array(absPath).default(["/usr/share/piccolo/keys/piccolo-release.gpg"]),
+    /** Deprecated: the installer's keyrings before signingKeyFiles; still read, with a warning. */
+    installerKeyrings: z.array(absPath).optional(),
     /** Installer: smallest disk offered as a target, in bytes (Flatcar needs about 8 GiB). */
     installerMinDiskBytes: z.number().int().min(0).default(8 * 1024 ** 3),
     /**
@@ -151,10 +157,16 @@ export const ConfigSchema = z
   .strict();
 
 /** The validated configuration with every default and derived path filled in. */
-export type Config = Omit<z.infer<typeof ConfigSchema>, "socketPath" | "auditLog"> & {
+export type Config = Omit<z.infer<typeof ConfigSchema>, "socketPath" | "auditLog" | DeprecatedKey> & {
   socketPath: string;
   auditLog: string;
+  /** Deprecated keys the configuration used, each with what to use instead (the daemon logs them). */
+  deprecatedKeys: string[];
 };
+
+/** Old keys still accepted, and the key that replaced each. */
+const DEPRECATED = { updateSigningKeyFiles: "signingKeyFiles", installerKeyrings: "signingKeyFiles" } as const;
+type DeprecatedKey = keyof typeof DEPRECATED;
 
 /** A configuration that failed validation; the message lists every bad key. */
 export class ConfigError extends Error {
@@ -304,10 +316,21 @@ export function loadConfig(sources: ConfigSources = {}): Config {
   if (problems.length > 0 || !result.success) {
     throw new ConfigError(`invalid configuration:\n  - ${problems.join("\n  - ")}`);
   }
-  const c = result.data;
+  const { updateSigningKeyFiles, installerKeyrings, ...c } = result.data;
+  // The two old key lists became one: their files are read as signingKeyFiles unless that is set too.
+  const deprecatedKeys: string[] = [];
+  const old: string[] = [];
+  for (const [k, v] of [["updateSigningKeyFiles", updateSigningKeyFiles], ["installerKeyrings", installerKeyrings]] as const) {
+    if (v === undefined) continue;
+    const replaced = origin["signingKeyFiles"] !== undefined;
+    deprecatedKeys.push(`${k} (from ${origin[k]}) is deprecated: use ${DEPRECATED[k]}${replaced ? ", which is also set and wins" : "; its files are read as signingKeyFiles"}`);
+    if (!replaced) old.push(...v);
+  }
   return {
     ...c,
+    signingKeyFiles: old.length > 0 ? [...new Set(old)] : c.signingKeyFiles,
     socketPath: c.socketPath ?? join(c.runtimeDir, "piccolod.sock"),
     auditLog: c.auditLog ?? join(c.stateDir, "audit.log"),
+    deprecatedKeys,
   };
 }

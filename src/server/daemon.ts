@@ -54,7 +54,6 @@ import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installe
 import { createDiskInventory } from "./disks/inventory.js";
 import { createInstaller } from "./installer/manager.js";
 import { createInstallerService } from "./installer/service.js";
-import { createOpenPgpVerifier } from "./verify/openpgp.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -96,6 +95,7 @@ async function writeAtomic(path: string, text: string): Promise<void> {
 
 /** Starts the daemon with a validated configuration. */
 export async function startDaemon(config: Config, log: Logger): Promise<Daemon> {
+  for (const d of config.deprecatedKeys) log.warn({ deprecated: d }, "deprecated configuration key");
   const health = createHealthChecker({
     stateDir: config.stateDir,
     dockerSocket: config.dockerSocket,
@@ -190,7 +190,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
     osReleaseFiles: config.osReleaseFiles,
     defaultServer: config.updateServer,
     defaultChannel: config.updateChannel,
-    signingKeyFiles: config.updateSigningKeyFiles,
+    signingKeyFiles: config.signingKeyFiles,
     downloadRetries: config.updateDownloadRetries,
     engineStallMs: config.updateEngineStallMs,
     // The device JWT from Piccolo central, sent as the bearer token to the update server.
@@ -201,7 +201,10 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   ops.register(update.rollbackKind);
   const installer = createInstaller({
     inventory: createDiskInventory(),
-    verifier: createOpenPgpVerifier({ keyrings: config.installerKeyrings }),
+    verifier: update.verifier,
+    downloadDir: join(config.stateDir, "installer", "downloads"),
+    releaseSource: () => update.releaseSource(),
+    downloadRetries: config.updateDownloadRetries,
     log: log.child({ area: "installer" }),
     imageDirs: config.installerImageDirs,
     fileTargetDirs: config.installerFileTargetDirs,

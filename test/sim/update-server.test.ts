@@ -5,12 +5,12 @@
  */
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { gunzipSync } from "node:zlib";
-import { makeRelease, makeSigningKey, startUpdateServer, type Release, type SigningKey, type UpdateServer } from "./update-server.js";
+import { installImageFile, makeRelease, makeSigningKey, startUpdateServer, type Release, type SigningKey, type UpdateServer } from "./update-server.js";
 
 const run = promisify(execFile);
 let dir: string;
@@ -85,4 +85,35 @@ test("faults: status codes, a flipped byte, a cut that a Range request resumes",
   await expect(fetch(`${server.url}/api/v1/images/download/1.1.0?type=update`).then((x) => x.arrayBuffer())).rejects.toThrow();
   const rest = await fetch(`${server.url}/api/v1/images/download/1.1.0?type=update`, { headers: { range: "bytes=5000-" } });
   expect(Buffer.from(await rest.arrayBuffer()).length).toBe(r1.size - 5000);
+});
+
+test("a release with an install image: the manifest carries install_image; the image downloads whole and by Range with its signature; a re-published release replaces the old", async () => {
+  const img = join(dir, "piccolo-os-1.3.0.img.gz");
+  await writeFile(img, Buffer.alloc(200_000, 3));
+  await key.sign(img, `${img}.asc`);
+  const r3 = { ...(await makeRelease(join(dir, "r"), key, "1.3.0", 100_000)), installImage: await installImageFile(img, `${img}.asc`) };
+  server.add(r3);
+  const m = (await (await fetch(`${server.url}/api/v1/updates/check?channel=stable&version=1.3.0`)).json()) as Record<string, unknown>;
+  expect(m["install_image"]).toEqual({
+    url: "/api/v1/images/download/1.3.0?type=install",
+    size: 200_000,
+    sha256: createHash("sha256").update(Buffer.alloc(200_000, 3)).digest("hex"),
+    signature_url: "/api/v1/images/download/1.3.0?type=install-signature",
+  });
+  // Releases without one say nothing about it.
+  expect((await (await fetch(`${server.url}/api/v1/updates/check?channel=stable&version=1.1.0`)).json()) as object).not.toHaveProperty("install_image");
+  const whole = Buffer.from(await (await fetch(`${server.url}/api/v1/images/download/1.3.0?type=install`)).arrayBuffer());
+  expect(whole.equals(Buffer.alloc(200_000, 3))).toBe(true);
+  const part = await fetch(`${server.url}/api/v1/images/download/1.3.0?type=install`, { headers: { range: "bytes=150000-" } });
+  expect(part.status).toBe(206);
+  expect(part.headers.get("content-range")).toBe("bytes 150000-199999/200000");
+  expect((await part.arrayBuffer()).byteLength).toBe(50_000);
+  expect(await (await fetch(`${server.url}/api/v1/images/download/1.3.0?type=install-signature`)).text()).toBe(await readFile(`${img}.asc`, "utf8"));
+  expect((await fetch(`${server.url}/api/v1/images/download/1.1.0?type=install`)).status).toBe(404);
+  // Re-published with another image: same version, new sha256.
+  await writeFile(img, Buffer.alloc(200_000, 4));
+  server.add({ ...r3, installImage: await installImageFile(img, `${img}.asc`) });
+  const again = (await (await fetch(`${server.url}/api/v1/updates/check?channel=stable&version=1.3.0`)).json()) as { install_image: { sha256: string } };
+  expect(again.install_image.sha256).toBe(createHash("sha256").update(Buffer.alloc(200_000, 4)).digest("hex"));
+  expect(((await (await fetch(`${server.url}/api/v1/updates/check?channel=stable`)).json()) as { version: string }).version).toBe("1.3.0");
 });

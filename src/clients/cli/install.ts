@@ -1,5 +1,6 @@
 /**
- * `piccoloctl install disks|plan|run`: the installer from the command line. `run` plans first,
+ * `piccoloctl install disks|plan|run`: the installer from the command line (an image on the host,
+ * the live medium's, or `--version V` from the update server). `run` plans first,
  * shows what will be erased, asks for confirmation (skipped with --yes), then follows the install
  * with a live progress bar (MiB/s, ETA). The recovery key of an encrypted install is printed once
  * at the end: it exists nowhere else.
@@ -77,6 +78,12 @@ export function formatPlan(p: InstallPlan): string {
   const lines = [
     `target:  ${p.target?.path ?? "?"} (${formatBytes(p.target?.sizeBytes ?? 0)}${p.target?.model ? `, ${p.target.model}` : ""})`,
     `image:   ${p.imagePath}${p.imageVersion ? ` (version ${p.imageVersion})` : ""}, ${p.compression}, ${formatBytes(p.imageBytes)} once decompressed`,
+    ...(p.download
+      ? [
+          `download: ${p.download.url}, ${formatBytes(p.download.sizeBytes)}${p.download.cachedBytes > 0 ? ` (${formatBytes(p.download.cachedBytes)} already downloaded${p.download.cachedBytes === p.download.sizeBytes ? ", only checked" : ", resumed"})` : ""}`,
+          `          SHA-256 ${p.download.sha256}`,
+        ]
+      : []),
     `ROOT:    grown to ${formatBytes(p.rootBytes)}`,
     "erased:",
     ...(p.erased.length === 0 ? ["  nothing (no partitions found)"] : p.erased.map((e) => `  ${e.path} ${e.label || e.fsLabel || "-"} ${e.fsType || ""} ${formatBytes(e.sizeBytes)}`.trimEnd())),
@@ -91,6 +98,7 @@ export function formatPlan(p: InstallPlan): string {
 export interface InstallOptions {
   readonly image?: string;
   readonly live?: boolean;
+  readonly version?: string;
   readonly sha256?: string;
   readonly signatureFile?: string;
   readonly ignition?: string;
@@ -102,7 +110,9 @@ export interface InstallOptions {
 
 async function specFrom(target: string, o: InstallOptions): Promise<InstallSpec> {
   if (!target.startsWith("/")) throw new UsageError(`TARGET ${JSON.stringify(target)}: must be an absolute device path such as /dev/sdb`);
-  if (!o.image === !o.live) throw new UsageError("give exactly one of --image PATH and --live");
+  if ([o.image, o.live, o.version].filter((x) => x !== undefined && x !== false).length !== 1) {
+    throw new UsageError("give exactly one of --image PATH, --live and --version V");
+  }
   const enc = o.encryption ?? "none";
   if (enc !== "none" && enc !== "tpm2") throw new UsageError(`--encryption: "none" or "tpm2", not ${JSON.stringify(enc)}`);
   const readLocal = async (path: string, flag: string): Promise<string> => {
@@ -116,6 +126,7 @@ async function specFrom(target: string, o: InstallOptions): Promise<InstallSpec>
     target,
     imagePath: o.image,
     liveImage: o.live ? true : undefined,
+    version: o.version,
     sha256: o.sha256 ?? "",
     signature: o.signatureFile ? await readLocal(o.signatureFile, "--signature-file") : "",
     ignitionConfig: o.ignition ? await readLocal(o.ignition, "--ignition") : "",

@@ -461,7 +461,7 @@ function addTaskCommands(program: Command, run: Run): void {
 
 /** `install env|disks|plan|run`. */
 function addInstallCommands(program: Command, run: Run): void {
-  const inst = program.command("install").description("install Piccolo OS from the live medium (or an image) onto a disk");
+  const inst = program.command("install").description("install Piccolo OS from the live medium, an image or the update server onto a disk");
   inst
     .command("env")
     .description("show whether this is the live environment, the boot disk and the install images")
@@ -475,6 +475,7 @@ function addInstallCommands(program: Command, run: Run): void {
       .argument("<target>", "the whole disk to install to, e.g. /dev/sdb")
       .option("--image <path>", "image file on the daemon's host (raw, .gz, .bz2 or .zst)")
       .option("--live", "the newest install image on the live medium")
+      .option("--version <version>", 'a version from the update server (or "latest"): its install image is downloaded on the daemon\'s host and checked')
       .option("--sha256 <hex>", "expected SHA-256 of the image file (default: <image>.sha256 beside it)")
       .option("--signature-file <path>", "detached OpenPGP signature, read here (default: <image>.asc beside it on the host)")
       .option("--ignition <path>", "Ignition config (JSON), read here, for the OEM partition")

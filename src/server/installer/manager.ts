@@ -1,13 +1,15 @@
 /**
  * The installer: the live environment, target eligibility, the dry-run plan with its confirmation
  * token, and the `installer.install` operation (verify → write → read back → partition → encrypt →
- * configure → commit). The first MiB of the target is zeroed before anything else is written and
+ * configure → commit). The image is a file on the host (the live medium's) or a version from the
+ * update server, which the verify phase downloads (resumably, into <stateDir>/installer/downloads)
+ * before it checks it as it would a file. The first MiB of the target is zeroed before anything else is written and
  * gets the image's (grown) partition table only in the last step, so any target that did not get
  * there has no valid primary GPT, and the old backup GPT at the end is zeroed too.
  */
 import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { mkdir, open, readFile, readdir, realpath, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { mkdir, mkdtemp, open, readFile, readdir, realpath, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, isAbsolute, join, relative } from "node:path";
 import type { Logger } from "pino";
@@ -20,6 +22,7 @@ import {
   type Disk,
   type GetInstallEnvironmentResponse,
   type InstallImage,
+  type ImageDownload,
   type InstallPlan,
   type InstallSpec,
   type Partition,
@@ -27,8 +30,10 @@ import {
 } from "../../../gen/piccolo/installer/v1/installer.js";
 import type { Operation } from "../../../gen/piccolo/operations/v1/operations.js";
 import { allMountPoints, type BlockDevice, type BlockPartition, type DiskInventory } from "../disks/inventory.js";
-import { invalidArgument, PiccoloError } from "../errors.js";
+import { invalidArgument, PiccoloError, unavailable } from "../errors.js";
 import type { OperationKind, WorkerContext } from "../operations/manager.js";
+import { download } from "../releases/download.js";
+import { fetchManifest, fetchSignature, VERSION_RE, type Manifest, type ReleaseFile } from "../releases/manifest.js";
 import { findBootDisk } from "../system/health.js";
 import type { SignatureVerifier } from "../verify/openpgp.js";
 import { run } from "./exec.js";
@@ -46,7 +51,7 @@ const TOKEN_TTL_MS = 15 * 60_000;
 const TAIL_BYTES = 33 * SECTOR;
 const PHASES = ["verify", "write", "readback", "partition", "encrypt", "configure", "commit"] as const;
 type Phase = (typeof PHASES)[number];
-/** Where each phase starts and ends in the operation's percent. */
+/** Where each phase starts and ends in the operation's percent (an image to download: DOWNLOAD_SPAN). */
 const SPAN: Record<Phase, [number, number]> = {
   verify: [0, 10],
   write: [10, 75],
@@ -56,6 +61,12 @@ const SPAN: Record<Phase, [number, number]> = {
   configure: [97, 98],
   commit: [98, 100],
 };
+/** The phases' spans when the verify phase downloads the image first: the download is most of the time. */
+const DOWNLOAD_SPAN: Record<Phase, [number, number]> = Object.fromEntries(
+  PHASES.map((ph) => [ph, ph === "verify" ? [0, 40] : (SPAN[ph].map((x) => 40 + ((x - 10) * 60) / 90) as [number, number])]),
+) as Record<Phase, [number, number]>;
+/** Share of the verify phase that the download takes. */
+const DOWNLOAD_SHARE = 0.85;
 
 /** What the installer needs. */
 export interface InstallerDeps {
@@ -75,6 +86,21 @@ export interface InstallerDeps {
   /** TPM device nodes looked for when tpm2Device is "auto". */
   readonly tpmDevices: readonly string[];
   readonly tools?: Partial<{ sgdisk: string; cryptsetup: string; cryptenroll: string; debugfs: string; blockdev: string }>;
+  /** Where downloaded install images are kept (a partial one is resumed by the next install). */
+  readonly downloadDir: string;
+  /** The update server, channel and headers (the device token) as the update area has them now. */
+  readonly releaseSource: () => Promise<{ server: string; channel: string; headers: Record<string, string> }>;
+  /** Download attempts after the first. */
+  readonly downloadRetries: number;
+  /** Delay before download retry n (1-based), ms; the downloader's default when absent. */
+  readonly downloadBackoffMs?: (n: number) => number;
+}
+
+/** An install image the verify phase downloads first. */
+export interface PreparedDownload {
+  readonly version: string;
+  readonly url: string;
+  readonly size: number;
 }
 
 /** A request checked and resolved by plan(); what the worker runs. */
@@ -94,6 +120,10 @@ export interface PreparedInstall {
   /** The generated or given Ignition config (before encryption wrapping); undefined for none. */
   readonly ignition: string | undefined;
   readonly encryption: Encryption;
+  /** The version installed (the manifest's, or from the image's file name). */
+  readonly version: string;
+  /** Set for a version from the update server; imagePath is where it is downloaded to. */
+  readonly download: PreparedDownload | undefined;
 }
 
 /** The installer's manager. */
@@ -400,14 +430,108 @@ export function createInstaller(deps: InstallerDeps): Installer {
     return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
   };
 
+  /** Where a release's image is downloaded to: by version and SHA-256, so a re-published image never resumes an old one's bytes. */
+  const downloadPath = (version: string, sha256: string): string => join(deps.downloadDir, `piccolo-os-${version}-${sha256.slice(0, 16)}.img`);
+
+  /** Bytes of a download already there: the whole file, or what an earlier install left in `.part`. */
+  const cachedBytes = async (dest: string, size: number): Promise<number> => {
+    const whole = await stat(dest).catch(() => undefined);
+    if (whole?.isFile() && whole.size === size) return size;
+    const part = await stat(`${dest}.part`).catch(() => undefined);
+    return part?.isFile() && part.size <= size ? part.size : 0;
+  };
+
+  /** The manifest of `version` on the update area's server and channel, with its install image. */
+  const resolveVersion = async (
+    version: string,
+    signal?: AbortSignal,
+  ): Promise<{ src: { server: string; channel: string; headers: Record<string, string> }; manifest: Manifest; file: ReleaseFile }> => {
+    if (version !== "latest" && !VERSION_RE.test(version)) throw invalidArgument("spec.version", 'letters, digits, ".", "+", "_" and "-", up to 64 characters, or "latest"');
+    const src = await deps.releaseSource();
+    let manifest: Manifest;
+    try {
+      manifest = await fetchManifest({ server: src.server, headers: src.headers }, { channel: src.channel, version }, signal);
+    } catch (e) {
+      if (e instanceof PiccoloError && e.kind === "not_found") throw new PiccoloError("not_found", `spec.version: ${e.message}`, { field: "spec.version", reason: "VERSION_NOT_FOUND", cause: e });
+      throw e;
+    }
+    if (!manifest.installImage) {
+      throw new PiccoloError("failed_precondition", `spec.version: the update server ${src.server} publishes no install image for version ${manifest.version}`, {
+        field: "spec.version",
+        reason: "NO_INSTALL_IMAGE",
+      });
+    }
+    return { src, manifest, file: manifest.installImage };
+  };
+
+  /**
+   * The compression and the first decompressed MiB of a release's image: from its download when
+   * one is there, else from the first 2 MiB the server sends (into a scratch file, then removed);
+   * the first MiB of a Flatcar image (tables and zeros) compresses to a few KiB.
+   */
+  const releaseHead = async (
+    src: { headers: Record<string, string> },
+    file: ReleaseFile,
+    dest: string,
+    signal?: AbortSignal,
+  ): Promise<{ compression: Compression; head: Buffer }> => {
+    const prefix = Math.min(file.size, 2 << 20);
+    const cached = await cachedBytes(dest, file.size);
+    let path = cached === file.size ? dest : cached >= prefix ? `${dest}.part` : undefined;
+    let tmp: string | undefined;
+    try {
+      if (!path) {
+        let res: Response;
+        try {
+          res = await fetch(file.url, { headers: { ...src.headers, range: `bytes=0-${prefix - 1}` }, signal: signal ? AbortSignal.any([signal, AbortSignal.timeout(60_000)]) : AbortSignal.timeout(60_000) });
+        } catch (e) {
+          if (signal?.aborted) throw signal.reason;
+          throw unavailable(`the install image at ${file.url}`, new Error((e as { cause?: { code?: string } }).cause?.code ?? (e as Error).message));
+        }
+        if ((res.status !== 200 && res.status !== 206) || !res.body) {
+          await res.body?.cancel();
+          throw new PiccoloError("unavailable", `the install image at ${file.url} answered HTTP ${res.status}`, { reason: "HOST_PART_UNAVAILABLE" });
+        }
+        const parts: Buffer[] = [];
+        let n = 0;
+        const reader = res.body.getReader();
+        try {
+          while (n < prefix) {
+            const { done, value } = await reader.read();
+            if (done) break;
+            parts.push(Buffer.from(value));
+            n += value.byteLength;
+          }
+        } catch (e) {
+          if (signal?.aborted) throw signal.reason;
+          // A connection that broke still gave its bytes, enough when they hold the first MiB.
+          if (n < HEAD_BYTES) throw unavailable(`the install image at ${file.url} (the connection broke after ${n} bytes)`, e);
+        } finally {
+          await reader.cancel().catch(() => undefined);
+        }
+        tmp = await mkdtemp(join(tmpdir(), "piccolo-install-head-"));
+        path = join(tmp, "head");
+        await writeFile(path, Buffer.concat(parts).subarray(0, prefix), { mode: 0o600 });
+      }
+      const compression = await detectCompression(path);
+      return { compression, head: await readImageHead(path, compression) };
+    } finally {
+      if (tmp) await rm(tmp, { recursive: true, force: true });
+    }
+  };
+
   const planImpl = async (
     spec: InstallSpec | undefined,
     signal?: AbortSignal,
   ): Promise<{ plan: InstallPlan; prepared: PreparedInstall; binding: Record<string, unknown> }> => {
     if (!spec) throw invalidArgument("spec", "required");
-    // The image.
+    // The image: a version from the update server, or a file.
     let imagePath: string;
-    if (spec.liveImage) {
+    let release: Awaited<ReturnType<typeof resolveVersion>> | undefined;
+    if (spec.version !== undefined) {
+      release = await resolveVersion(spec.version, signal);
+      imagePath = downloadPath(release.manifest.version, release.file.sha256);
+    } else if (spec.liveImage) {
       const [img] = await listImages();
       if (!img) throw new PiccoloError("failed_precondition", `no install image on the live medium (${deps.imageDirs[0] ?? "no image folder configured"})`, { reason: "NO_LIVE_IMAGE" });
       imagePath = img.path;
@@ -416,31 +540,49 @@ export function createInstaller(deps: InstallerDeps): Installer {
     } else {
       throw invalidArgument("spec.image_path", "required: an image file, or live_image");
     }
-    if (!isAbsolute(imagePath) || imagePath.includes("\0")) throw invalidArgument("spec.image_path", "must be an absolute path");
-    const ist = await stat(imagePath).catch(() => undefined);
-    if (!ist) throw invalidArgument("spec.image_path", `${imagePath} does not exist`);
-    if (!ist.isFile()) throw invalidArgument("spec.image_path", `${imagePath} is not a file`);
-    const realImage = await realpath(imagePath);
-    if (!deps.imageDirs.some((d) => below(d, realImage))) {
-      throw invalidArgument("spec.image_path", `must be below ${deps.imageDirs.join(", ") || "the configured installerImageDirs"}`);
+    let realImage: string;
+    let compression: Compression;
+    let head: Buffer;
+    let imageFile: { size: number; mtime: number };
+    const imageField = release ? "spec.version" : "spec.image_path";
+    if (release) {
+      realImage = imagePath;
+      ({ compression, head } = await releaseHead(release.src, release.file, imagePath, signal));
+      imageFile = { size: release.file.size, mtime: 0 };
+    } else {
+      if (!isAbsolute(imagePath) || imagePath.includes("\0")) throw invalidArgument("spec.image_path", "must be an absolute path");
+      const ist = await stat(imagePath).catch(() => undefined);
+      if (!ist) throw invalidArgument("spec.image_path", `${imagePath} does not exist`);
+      if (!ist.isFile()) throw invalidArgument("spec.image_path", `${imagePath} is not a file`);
+      realImage = await realpath(imagePath);
+      if (!deps.imageDirs.some((d) => below(d, realImage))) {
+        throw invalidArgument("spec.image_path", `must be below ${deps.imageDirs.join(", ") || "the configured installerImageDirs"}`);
+      }
+      compression = await detectCompression(realImage);
+      head = await readImageHead(realImage, compression);
+      imageFile = { size: ist.size, mtime: ist.mtimeMs };
     }
-    const compression = await detectCompression(realImage);
-    const head = await readImageHead(realImage, compression);
+    const what = release ? `the install image of ${release.manifest.version}` : imagePath;
     const gpt = parseGpt(head);
-    if (!gpt) throw invalidArgument("spec.image_path", `${imagePath} is not a disk image (no GUID partition table in its first MiB${compression === "none" ? "" : ` after ${compression} decompression`})`);
+    if (!gpt) throw invalidArgument(imageField, `${what} is not a disk image (no GUID partition table in its first MiB${compression === "none" ? "" : ` after ${compression} decompression`})`);
     const root = partitionNamed(gpt, "ROOT");
-    if (!root) throw invalidArgument("spec.image_path", "the image has no ROOT partition; not a Flatcar-based image");
-    if (gpt.partitions.some((p) => p.lastLba > root.lastLba)) throw invalidArgument("spec.image_path", "ROOT is not the image's last partition, so it cannot be grown");
+    if (!root) throw invalidArgument(imageField, `${what} has no ROOT partition; not a Flatcar-based image`);
+    if (gpt.partitions.some((p) => p.lastLba > root.lastLba)) throw invalidArgument(imageField, `ROOT is not the last partition of ${what}, so it cannot be grown`);
     const oem = partitionNamed(gpt, "OEM");
     const imageBytes = (gpt.backupLba + 1) * SECTOR;
 
-    // Hash and signature: given, or beside the image.
+    // Hash and signature: given, or beside the image (or published with the release).
     let sha256 = spec.sha256.trim().toLowerCase();
     if (sha256 && !/^[0-9a-f]{64}$/.test(sha256)) throw invalidArgument("spec.sha256", "must be 64 hex digits");
+    if (release) {
+      if (sha256 && sha256 !== release.file.sha256) throw invalidArgument("spec.sha256", `is not the SHA-256 the update server publishes for ${release.manifest.version} (${release.file.sha256})`);
+      sha256 = release.file.sha256;
+    }
     sha256 ||= await readSha256File(realImage);
     if (!sha256) throw invalidArgument("spec.sha256", `required: no SHA-256 given and no ${basename(realImage)}.sha256 beside the image`);
     let signature = spec.signature;
     if (signature.length > 64 * 1024) throw invalidArgument("spec.signature", "longer than 64 KiB; expected one detached signature");
+    if (!signature && release) signature = (await fetchSignature({ server: release.src.server, headers: release.src.headers }, release.file.signatureUrl, signal)).toString("utf8");
     if (!signature) signature = await readFile(`${realImage}.asc`, "utf8").catch(() => "");
     if (!signature) throw invalidArgument("spec.signature", `required: no signature given and no ${basename(realImage)}.asc beside the image`);
 
@@ -456,7 +598,7 @@ export function createInstaller(deps: InstallerDeps): Installer {
     if (!(spec.encryption in Encryption) || spec.encryption < 0) throw invalidArgument("spec.encryption", `unknown value ${spec.encryption}`);
     const encryption = spec.encryption === Encryption.ENCRYPTION_TPM2 ? Encryption.ENCRYPTION_TPM2 : Encryption.ENCRYPTION_NONE;
     if ((ignition || encryption === Encryption.ENCRYPTION_TPM2) && !oem) {
-      throw invalidArgument("spec.image_path", "the image has no OEM partition to hold the Ignition config");
+      throw invalidArgument(imageField, "the image has no OEM partition to hold the Ignition config");
     }
     if (encryption === Encryption.ENCRYPTION_TPM2 && !(await tpmPresent())) {
       throw new PiccoloError("failed_precondition", `encryption TPM2: no TPM on this machine (looked for ${deps.tpmDevices.join(", ")})`, { reason: "NO_TPM" });
@@ -495,8 +637,10 @@ export function createInstaller(deps: InstallerDeps): Installer {
       bytes: t.bytes,
       fp,
       image: realImage,
-      imageSize: ist.size,
-      imageMtime: ist.mtimeMs,
+      imageSize: imageFile.size,
+      imageMtime: imageFile.mtime,
+      version: release?.manifest.version ?? "",
+      url: release?.file.url ?? "",
       sha256,
       sig: fingerprint(signature),
       ign: fingerprint(ignition ?? ""),
@@ -517,12 +661,17 @@ export function createInstaller(deps: InstallerDeps): Installer {
       oem,
       ignition,
       encryption,
+      version: release?.manifest.version ?? IMAGE_NAME.exec(basename(realImage))?.[1] ?? "",
+      download: release ? { version: release.manifest.version, url: release.file.url, size: release.file.size } : undefined,
     };
+    const downloadOut: ImageDownload | undefined = release
+      ? { url: release.file.url, sizeBytes: release.file.size, sha256, cachedBytes: await cachedBytes(realImage, release.file.size), signatureUrl: release.file.signatureUrl }
+      : undefined;
     const plan: InstallPlan = {
       target: t.disk,
       imagePath: realImage,
-      imageVersion: IMAGE_NAME.exec(basename(realImage))?.[1] ?? "",
-      imageFileBytes: ist.size,
+      imageVersion: prepared.version,
+      imageFileBytes: imageFile.size,
       imageBytes,
       compression,
       writes,
@@ -530,6 +679,7 @@ export function createInstaller(deps: InstallerDeps): Installer {
       rootBytes,
       warnings,
       confirmationToken: "",
+      download: downloadOut,
     };
     return { plan, prepared, binding };
   };
@@ -540,7 +690,8 @@ export function createInstaller(deps: InstallerDeps): Installer {
   const runInstall = async (p: PreparedInstall, ctx: WorkerContext): Promise<Any> => {
     const { signal } = ctx;
     let phase: Phase = "verify";
-    const at = (ph: Phase, frac: number): number => SPAN[ph][0] + (SPAN[ph][1] - SPAN[ph][0]) * Math.max(0, Math.min(1, frac));
+    const span = p.download ? DOWNLOAD_SPAN : SPAN;
+    const at = (ph: Phase, frac: number): number => span[ph][0] + (span[ph][1] - span[ph][0]) * Math.max(0, Math.min(1, frac));
     const report = (ph: Phase, frac: number, message: string, bytesDone = 0, bytesTotal = 0): void => {
       phase = ph;
       ctx.progress({ phase: ph, phaseIndex: PHASES.indexOf(ph) + 1, phaseCount: PHASES.length, percent: at(ph, frac), message, bytesDone, bytesTotal });
@@ -552,8 +703,31 @@ export function createInstaller(deps: InstallerDeps): Installer {
     await mkdir(scratchDir, { mode: 0o700 });
     let fh: FileHandle | undefined;
     try {
-      // 1. verify: hash and signature, both over the file as stored, in parallel.
-      report("verify", 0, `checking the SHA-256 and signature of ${basename(p.imagePath)}`, 0, 0);
+      // 1. verify: download a release's image first (resuming what an earlier install left), then
+      // hash and signature, both over the file as stored, in parallel.
+      const dl = p.download;
+      const checkFrom = dl ? DOWNLOAD_SHARE : 0;
+      if (dl) {
+        const have = await cachedBytes(p.imagePath, dl.size);
+        if (have < dl.size) {
+          const src = await deps.releaseSource();
+          await mkdir(deps.downloadDir, { recursive: true, mode: 0o700 });
+          report("verify", 0, `downloading ${dl.version} from ${src.server}${have ? `, resuming at byte ${have}` : ""}`, have, dl.size);
+          const r = await download({
+            url: dl.url,
+            dest: p.imagePath,
+            size: dl.size,
+            headers: src.headers,
+            retries: deps.downloadRetries,
+            signal,
+            backoffMs: deps.downloadBackoffMs,
+            progress: (done, total, note) => report("verify", (DOWNLOAD_SHARE * done) / total, note ?? `downloading ${dl.version}`, done, total),
+          });
+          ctx.log.info({ version: dl.version, attempts: r.attempts, resumedFrom: r.resumedFrom }, "install image downloaded");
+        }
+        report("verify", DOWNLOAD_SHARE, `${dl.version} is downloaded (${dl.size} bytes); checking it`, dl.size, dl.size);
+      }
+      report("verify", checkFrom, `checking the SHA-256 and signature of ${basename(p.imagePath)}`, 0, 0);
       const fileBytes = (await stat(p.imagePath)).size;
       const hashing = (async () => {
         const h = createHash("sha256");
@@ -561,13 +735,22 @@ export function createInstaller(deps: InstallerDeps): Installer {
         for await (const c of createReadStream(p.imagePath, { highWaterMark: 4 << 20, signal })) {
           h.update(c as Buffer);
           n += (c as Buffer).length;
-          report("verify", n / fileBytes, "checking the image's SHA-256 and signature", n, fileBytes);
+          report("verify", checkFrom + ((1 - checkFrom) * n) / fileBytes, "checking the image's SHA-256 and signature", n, fileBytes);
         }
         return h.digest("hex");
       })();
-      const [digest, sig] = await Promise.all([hashing, deps.verifier.verifyDetached(p.imagePath, p.signature, "spec.signature", signal)]);
+      const [hashed, signed] = await Promise.allSettled([hashing, deps.verifier.verifyFile(p.imagePath, p.signature, "spec.signature", signal)]);
+      if (hashed.status === "rejected") throw hashed.reason;
+      const digest = hashed.value;
+      // A download that is not what was published is deleted, so the next install fetches it anew.
+      if (dl && digest !== p.sha256) await rm(p.imagePath, { force: true });
+      if (signed.status === "rejected") throw signed.reason;
+      const sig = signed.value;
       if (digest !== p.sha256) {
-        throw invalidArgument("spec.sha256", `the image's SHA-256 is ${digest}, not the expected ${p.sha256}; the image is damaged or not the one that was published`);
+        throw invalidArgument(
+          dl ? "spec.version" : "spec.sha256",
+          `the image's SHA-256 is ${digest}, not the expected ${p.sha256}; the image is damaged or not the one that was published${dl ? " (the download was deleted)" : ""}`,
+        );
       }
       ctx.log.info({ key: sig.fingerprint }, "image signature good");
 
@@ -671,6 +854,7 @@ export function createInstaller(deps: InstallerDeps): Installer {
       const result = InstallResult.fromPartial({
         target: p.target,
         imagePath: p.imagePath,
+        imageVersion: p.version,
         bytesWritten: w.bytes,
         writtenSha256: back,
         rootBytes,
@@ -791,7 +975,12 @@ export function createInstaller(deps: InstallerDeps): Installer {
       const { prepared, binding } = await planImpl(request.spec, signal);
       const changed = Object.keys(binding).filter((k) => JSON.stringify(binding[k as keyof typeof binding]) !== JSON.stringify(claimed[k]));
       if (changed.length > 0) {
-        const what = changed.includes("fp") || changed.includes("bytes") ? "the target disk changed since the plan" : `the request differs from the plan (${changed.join(", ")})`;
+        const what =
+          changed.includes("fp") || changed.includes("bytes")
+            ? "the target disk changed since the plan"
+            : claimed["version"] && ["version", "sha256", "url", "sig"].some((k) => changed.includes(k))
+              ? `the update server's release changed since the plan (${changed.join(", ")})`
+              : `the request differs from the plan (${changed.join(", ")})`;
         throw new PiccoloError("failed_precondition", `confirmation_token: stale: ${what}; plan again`, { reason: "STALE_CONFIRMATION", field: "confirmation_token" });
       }
       return { ...prepared, request };

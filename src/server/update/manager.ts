@@ -33,11 +33,12 @@ import { invalidArgument, PiccoloError, unavailable } from "../errors.js";
 import type { OperationKind, WorkerContext } from "../operations/manager.js";
 import { readOsRelease } from "../system/os-release.js";
 import { findBootDisk } from "../system/health.js";
-import { download } from "./download.js";
+import { download } from "../releases/download.js";
+import { fetchManifest, fetchSignature, VERSION_RE, type Manifest } from "../releases/manifest.js";
+import { createOpenPgpVerifier, parsePublicKey, readKeyFiles, type PublicKey, type SignatureCheck, type SignatureVerifier, type VerifiedSignature } from "../verify/openpgp.js";
 import { connectUpdateEngine, EngineOp, scheduleReboot, type EngineState, type UpdateEngineClient } from "./engine.js";
 import { readSlots, setSlotFlags, type SlotTable, type UsrSlot } from "./gpt.js";
 import { ACTION_CODES, startOmahaResponder, type OmahaEvent } from "./omaha.js";
-import { parsePublicKey, startSignatureCheck, type PublicKey, type SignatureCheck } from "./signature.js";
 import { createUpdateConf, readJson, writeFileAtomic, type UpdateConf } from "./update-conf.js";
 
 /** Operation kinds. */
@@ -56,7 +57,7 @@ export interface UpdateManagerDeps {
   readonly osReleaseFiles: readonly string[];
   readonly defaultServer: string;
   readonly defaultChannel: string;
-  /** Files with armored public keys, read at start. */
+  /** Files with the signing keys (armored, or binary keyrings), read at start. */
   readonly signingKeyFiles: readonly string[];
   /** Download attempts after the first. */
   readonly downloadRetries: number;
@@ -96,10 +97,13 @@ export interface UpdateManager {
   prepareRollback(req: RollbackUpdateRequest): Promise<RollbackUpdateRequest>;
   readonly applyKind: OperationKind<ApplyUpdateRequest>;
   readonly rollbackKind: OperationKind<RollbackUpdateRequest>;
+  /** Checks signatures against the Piccolo signing keys configured here (the installer uses it too). */
+  readonly verifier: SignatureVerifier;
+  /** The update server, channel and headers to ask it with, as configured now (the installer asks it too). */
+  releaseSource(): Promise<{ server: string; channel: string; headers: Record<string, string> }>;
 }
 
 const CHANNEL_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-const VERSION_RE = /^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$/;
 
 /** Checks an update server URL; returns the problem or undefined. */
 export function serverProblem(s: string): string | undefined {
@@ -149,18 +153,6 @@ const ENGINE_PHASE: Readonly<Record<string, string>> = {
   [EngineOp.FINALIZING]: "finalizing",
 };
 
-/** The manifest the update server answers. */
-interface Manifest {
-  update_available?: boolean;
-  version: string;
-  size: number;
-  sha256: string;
-  notes?: string;
-  channel?: string;
-  download_url: string;
-  signature_url: string;
-}
-
 /** Creates the update manager. */
 export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
   const dir = join(deps.stateDir, "update");
@@ -169,10 +161,11 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
   const payloadDir = join(dir, "payloads");
   const conf: UpdateConf = createUpdateConf(deps.updateConfFile, join(dir, "update.conf.saved"));
   let stored: StoredConfig = {};
-  let defaultKeys: string[] = [];
+  let defaultKeys: PublicKey[] = [];
   const log = deps.log;
 
-  const keysNow = (): PublicKey[] => (stored.signingKeys ?? defaultKeys).map((k) => parsePublicKey(k));
+  const keysNow = (): PublicKey[] => (stored.signingKeys ? stored.signingKeys.map((k) => parsePublicKey(k)) : defaultKeys);
+  const verifier = createOpenPgpVerifier({ keys: keysNow, gpgv: deps.gpgv });
   const configNow = (): UpdateConfig => {
     let fingerprints: string[] = [];
     try {
@@ -203,44 +196,8 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
   };
 
   /** GET /api/v1/updates/check on the configured server. */
-  const fetchManifest = async (channel: string, version: string | undefined, signal?: AbortSignal): Promise<Manifest> => {
-    const { server } = configNow();
-    const url = new URL("/api/v1/updates/check", server.endsWith("/") ? server : server + "/");
-    url.searchParams.set("channel", channel);
-    url.searchParams.set("current_version", await bootedVersion());
-    if (version) url.searchParams.set("version", version);
-    let res: Response;
-    try {
-      res = await fetch(url, { headers: { accept: "application/json", ...(await authHeaders()) }, signal: signal ?? AbortSignal.timeout(30_000) });
-    } catch (e) {
-      if (signal?.aborted) throw signal.reason;
-      const code = (e as { cause?: { code?: string } }).cause?.code;
-      throw unavailable(`the Piccolo update server at ${server}`, new Error(code ?? (e as Error).message));
-    }
-    const text = await res.text();
-    if (res.status === 404 && version) {
-      throw new PiccoloError("not_found", `the update server ${server} has no version ${JSON.stringify(version)} on channel ${JSON.stringify(channel)} (HTTP 404)`, { reason: "NOT_FOUND" });
-    }
-    if (!res.ok) {
-      let why = text.slice(0, 200);
-      try {
-        why = (JSON.parse(text) as { error?: { message?: string } }).error?.message ?? why;
-      } catch {
-        // not JSON
-      }
-      throw new PiccoloError("unavailable", `the Piccolo update server at ${server} answered HTTP ${res.status} to ${url.pathname}: ${why}`, { reason: "HOST_PART_UNAVAILABLE" });
-    }
-    let m: Manifest;
-    try {
-      m = JSON.parse(text) as Manifest;
-    } catch {
-      throw new PiccoloError("unavailable", `the Piccolo update server at ${server} answered something that is not JSON`, { reason: "HOST_PART_UNAVAILABLE" });
-    }
-    if (typeof m.version !== "string" || !VERSION_RE.test(m.version) || !Number.isSafeInteger(m.size) || m.size <= 0 || !/^[0-9a-f]{64}$/i.test(m.sha256 ?? "")) {
-      throw new PiccoloError("unavailable", `the Piccolo update server at ${server} answered a manifest without a valid version, size and sha256`, { reason: "HOST_PART_UNAVAILABLE" });
-    }
-    return m;
-  };
+  const manifestOf = async (channel: string, version: string | undefined, signal?: AbortSignal): Promise<Manifest> =>
+    fetchManifest({ server: configNow().server, headers: await authHeaders() }, { channel, version, currentVersion: await bootedVersion() }, signal);
 
   const slotStatus = (s: UsrSlot, t: SlotTable, version: string): SlotStatus => ({
     slot: s.name === "A" ? Slot.SLOT_A : Slot.SLOT_B,
@@ -317,50 +274,50 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
     } else {
       const want = req.version && req.version !== "latest" ? req.version : undefined;
       report("resolve", 0, `asking ${configNow().server} for ${want ?? "the newest version"} on channel ${channel}`);
-      manifest = await fetchManifest(channel, want, ctx.signal);
+      manifest = await manifestOf(channel, want, ctx.signal);
       version = manifest.version;
-      expectedSha = manifest.sha256.toLowerCase();
-      size = manifest.size;
+      expectedSha = manifest.payload.sha256;
+      size = manifest.payload.size;
       payloadPath = join(payloadDir, `piccolo-os-update-${version}.raw.gz`);
-      const sigUrl = new URL(manifest.signature_url, configNow().server);
-      let sigRes: Response;
-      try {
-        sigRes = await fetch(sigUrl, { headers: await authHeaders(), signal: ctx.signal });
-      } catch (e) {
-        throw unavailable(`the signature at ${sigUrl.href}`, e);
-      }
-      if (!sigRes.ok) throw new PiccoloError("unavailable", `the signature at ${sigUrl.href} answered HTTP ${sigRes.status}`, { reason: "HOST_PART_UNAVAILABLE" });
-      signature = Buffer.from(await sigRes.arrayBuffer());
+      signature = await fetchSignature({ server: configNow().server, headers: await authHeaders() }, manifest.payload.signatureUrl, ctx.signal);
     }
     report("resolve", 1, `version ${version}, ${size} bytes`, { bytesTotal: size });
 
-    // download (or read the local file) with the hashes and gpgv fed in the same pass
+    // A download feeds the hashes and gpgv as the bytes arrive (the network is slower than both);
+    // a local file is hashed by one read while gpgv reads it by itself.
     const sha256 = createHash("sha256");
     const sha1 = createHash("sha1");
-    let sig: SignatureCheck | undefined = await startSignatureCheck(signature, keys, deps.gpgv);
-    const tap = async (chunk: Buffer): Promise<void> => {
-      sha256.update(chunk);
-      sha1.update(chunk);
-      await sig!.write(chunk);
-    };
+    const sigField = req.local ? "local.signature_path" : "the payload's signature";
+    let sig: SignatureCheck | undefined;
+    let fileCheck: Promise<VerifiedSignature> | undefined;
+    const checkAbort = new AbortController();
+    const fileSignal = AbortSignal.any([ctx.signal, checkAbort.signal]);
     try {
       if (manifest) {
-        const url = new URL(manifest.download_url, configNow().server).href;
+        sig = await verifier.startCheck(signature, sigField);
+        const check = sig;
         const r = await download({
-          url,
+          url: manifest.payload.url,
           dest: payloadPath,
           size,
           headers: await authHeaders(),
           retries: deps.downloadRetries,
           signal: ctx.signal,
-          tap,
+          tap: async (chunk) => {
+            sha256.update(chunk);
+            sha1.update(chunk);
+            await check.write(chunk);
+          },
           progress: (done, total, note) => report("download", total > 0 ? done / total : 0, note ?? `downloading ${version}`, { bytesDone: done, bytesTotal: total }),
         });
         report("download", 1, `downloaded ${size} bytes in ${r.attempts} attempt(s)${r.resumedFrom ? `, resumed from byte ${r.resumedFrom}` : ""}`, { bytesDone: size, bytesTotal: size });
       } else {
+        fileCheck = verifier.verifyFile(payloadPath, signature, sigField, fileSignal);
+        fileCheck.catch(() => undefined);
         let done = 0;
         for await (const chunk of createReadStream(payloadPath, { highWaterMark: 1 << 20, signal: ctx.signal })) {
-          await tap(chunk as Buffer);
+          sha256.update(chunk as Buffer);
+          sha1.update(chunk as Buffer);
           done += (chunk as Buffer).length;
           report("verify_checksum", done / size, `reading ${payloadPath}`, { bytesDone: done, bytesTotal: size });
         }
@@ -383,10 +340,14 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
       report("verify_signature", 0, `checking the detached OpenPGP signature against ${keys.length} signing key(s)`);
       let signer: string;
       try {
-        signer = await sig.finish();
+        signer = (await (sig ? sig.finish() : fileCheck!)).fingerprint;
       } catch (e) {
         if (manifest) await rm(payloadPath, { force: true });
-        if (e instanceof PiccoloError) throw new PiccoloError(e.kind, `${e.message}; nothing was handed to update_engine`, { cause: e });
+        // A refused payload is a precondition of the update that failed, whatever the check calls it.
+        if (e instanceof PiccoloError) {
+          const kind = e.reason === "BAD_SIGNATURE" ? "failed_precondition" : e.kind;
+          throw new PiccoloError(kind, `${e.message}; nothing was handed to update_engine`, { cause: e, reason: e.reason });
+        }
         throw e;
       } finally {
         sig = undefined;
@@ -421,6 +382,7 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
       );
     } finally {
       sig?.abort();
+      checkAbort.abort();
     }
   }
 
@@ -588,24 +550,8 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
     async init() {
       await mkdir(dir, { recursive: true, mode: 0o700 });
       stored = await readJson<StoredConfig>(configFile, {});
-      defaultKeys = [];
-      for (const f of deps.signingKeyFiles) {
-        let text: string;
-        try {
-          text = await readFile(f, "utf8");
-        } catch (e) {
-          log.warn({ file: f, err: (e as Error).message }, "signing key file not readable");
-          continue;
-        }
-        for (const block of text.match(/-----BEGIN PGP PUBLIC KEY BLOCK-----[\s\S]*?-----END PGP PUBLIC KEY BLOCK-----/g) ?? []) {
-          try {
-            parsePublicKey(block);
-            defaultKeys.push(block);
-          } catch (e) {
-            log.warn({ file: f, err: (e as Error).message }, "signing key ignored");
-          }
-        }
-      }
+      defaultKeys = await readKeyFiles(deps.signingKeyFiles, (msg, err) => log.warn({ err }, msg));
+      log.info({ keys: defaultKeys.map((k) => k.fingerprint), files: deps.signingKeyFiles }, "Piccolo signing keys loaded");
       const restored = await restoreConf();
       if (restored) log.warn({ file: deps.updateConfFile }, restored);
     },
@@ -642,10 +588,10 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
 
     async check(channel) {
       const ch = channel || configNow().channel;
-      const m = await fetchManifest(ch, undefined);
+      const m = await manifestOf(ch, undefined);
       const time = new Date();
       const current = await bootedVersion();
-      const response = { ...m, channel: ch, current_version: current, update_available: m.update_available ?? m.version !== current };
+      const response = { ...m.raw, channel: ch, current_version: current, update_available: m.updateAvailable ?? m.version !== current };
       const st = await loadState();
       st.lastCheck = { time: time.toISOString(), response: response as unknown as Record<string, unknown> };
       await saveState(st);
@@ -717,7 +663,7 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
         throw new PiccoloError("failed_precondition", `a configured signing key is unusable: ${(e as Error).message}`);
       }
       if (keys.length === 0) {
-        throw new PiccoloError("failed_precondition", "no Piccolo signing keys are configured, so no payload can be verified; set them with SetUpdateConfig (signing_keys) or updateSigningKeyFiles");
+        throw new PiccoloError("failed_precondition", "no Piccolo signing keys are configured, so no payload can be verified; set them with SetUpdateConfig (signing_keys) or the config key signingKeyFiles");
       }
       return req;
     },
@@ -729,6 +675,11 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
 
     applyKind,
     rollbackKind,
+    verifier,
+    async releaseSource() {
+      const c = configNow();
+      return { server: c.server, channel: c.channel, headers: await authHeaders() };
+    },
   };
 }
 

@@ -169,11 +169,24 @@ export interface InstallSpec {
     | boolean
     | undefined;
   /**
+   * A version from the update server (the update area's server and channel): its install image
+   * is downloaded into the state folder (resumed when an earlier download was cut) and checked
+   * against the manifest's SHA-256 and its detached signature. "latest" is the newest version
+   * on the channel. An unknown version is NOT_FOUND.
+   */
+  version?:
+    | string
+    | undefined;
+  /**
    * Expected SHA-256 of the image file as stored (compressed), 64 hex digits. Empty: the
-   * <image>.sha256 file beside it; without either the plan is refused.
+   * <image>.sha256 file beside it (for a version: the manifest's); without either the plan is
+   * refused. With a version it must be empty or the manifest's.
    */
   sha256: string;
-  /** ASCII-armored detached OpenPGP signature of the image file. Empty: <image>.asc beside it. */
+  /**
+   * ASCII-armored detached OpenPGP signature of the image file. Empty: <image>.asc beside it (for
+   * a version: the one the update server publishes).
+   */
   signature: string;
   /**
    * Ignition config (JSON) to write into the OEM partition; when empty, one is generated from
@@ -228,8 +241,31 @@ export interface InstallPlan {
   rootBytes: number;
   /** Warnings: a removable target, an existing OS, a target much larger than usual, … */
   warnings: string[];
-  /** Token for Install, bound to this plan and the target as it is now; valid for 15 minutes. */
+  /**
+   * Token for Install, bound to this plan and the target as it is now; valid for 15 minutes.
+   * For a version it is bound to the version and its SHA-256 too: a manifest that changed since
+   * makes it stale.
+   */
   confirmationToken: string;
+  /** For a version from the update server: what Install downloads (image_path is where it goes). */
+  download: ImageDownload | undefined;
+}
+
+/** ImageDownload is an install image Install fetches from the update server. */
+export interface ImageDownload {
+  /** Absolute URL of the image. */
+  url: string;
+  /** Its size in bytes, from the manifest. */
+  sizeBytes: number;
+  /** Its SHA-256 from the manifest, lower-case hex. */
+  sha256: string;
+  /**
+   * Bytes already downloaded by an earlier install (a partial download is resumed; equal to
+   * size_bytes when the whole image is there and only needs checking).
+   */
+  cachedBytes: number;
+  /** Absolute URL of its detached signature. */
+  signatureUrl: string;
 }
 
 /** InstallRequest starts an installation. */
@@ -265,6 +301,8 @@ export interface InstallResult {
    * never stored: in the journal and in every later watch it is empty. Write it down.
    */
   recoveryKey: string;
+  /** The version installed (from the update server's manifest, or the image's file name). */
+  imageVersion: string;
 }
 
 /** CancelInstallRequest names the install to cancel. */
@@ -1016,6 +1054,7 @@ function createBaseInstallSpec(): InstallSpec {
     target: "",
     imagePath: undefined,
     liveImage: undefined,
+    version: undefined,
     sha256: "",
     signature: "",
     ignitionConfig: "",
@@ -1034,6 +1073,9 @@ export const InstallSpec: MessageFns<InstallSpec> = {
     }
     if (message.liveImage !== undefined) {
       writer.uint32(24).bool(message.liveImage);
+    }
+    if (message.version !== undefined) {
+      writer.uint32(74).string(message.version);
     }
     if (message.sha256 !== "") {
       writer.uint32(34).string(message.sha256);
@@ -1088,6 +1130,14 @@ export const InstallSpec: MessageFns<InstallSpec> = {
             }
 
             message.liveImage = reader.bool();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.version = reader.string();
             continue;
           }
           case 4: {
@@ -1150,6 +1200,7 @@ export const InstallSpec: MessageFns<InstallSpec> = {
     message.target = object.target ?? "";
     message.imagePath = object.imagePath ?? undefined;
     message.liveImage = object.liveImage ?? undefined;
+    message.version = object.version ?? undefined;
     message.sha256 = object.sha256 ?? "";
     message.signature = object.signature ?? "";
     message.ignitionConfig = object.ignitionConfig ?? "";
@@ -1310,6 +1361,7 @@ function createBaseInstallPlan(): InstallPlan {
     rootBytes: 0,
     warnings: [],
     confirmationToken: "",
+    download: undefined,
   };
 }
 
@@ -1347,6 +1399,9 @@ export const InstallPlan: MessageFns<InstallPlan> = {
     }
     if (message.confirmationToken !== "") {
       writer.uint32(90).string(message.confirmationToken);
+    }
+    if (message.download !== undefined) {
+      ImageDownload.encode(message.download, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -1452,6 +1507,14 @@ export const InstallPlan: MessageFns<InstallPlan> = {
             message.confirmationToken = reader.string();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.download = ImageDownload.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1482,6 +1545,112 @@ export const InstallPlan: MessageFns<InstallPlan> = {
     message.rootBytes = object.rootBytes ?? 0;
     message.warnings = object.warnings?.map((e) => e) || [];
     message.confirmationToken = object.confirmationToken ?? "";
+    message.download = (object.download !== undefined && object.download !== null)
+      ? ImageDownload.fromPartial(object.download)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseImageDownload(): ImageDownload {
+  return { url: "", sizeBytes: 0, sha256: "", cachedBytes: 0, signatureUrl: "" };
+}
+
+export const ImageDownload: MessageFns<ImageDownload> = {
+  encode(message: ImageDownload, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.url !== "") {
+      writer.uint32(10).string(message.url);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(16).uint64(message.sizeBytes);
+    }
+    if (message.sha256 !== "") {
+      writer.uint32(26).string(message.sha256);
+    }
+    if (message.cachedBytes !== 0) {
+      writer.uint32(32).uint64(message.cachedBytes);
+    }
+    if (message.signatureUrl !== "") {
+      writer.uint32(42).string(message.signatureUrl);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageDownload {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageDownload();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.url = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.sha256 = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.cachedBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.signatureUrl = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<ImageDownload>, I>>(base?: I): ImageDownload {
+    return ImageDownload.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImageDownload>, I>>(object: I): ImageDownload {
+    const message = createBaseImageDownload();
+    message.url = object.url ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.sha256 = object.sha256 ?? "";
+    message.cachedBytes = object.cachedBytes ?? 0;
+    message.signatureUrl = object.signatureUrl ?? "";
     return message;
   },
 };
@@ -1566,6 +1735,7 @@ function createBaseInstallResult(): InstallResult {
     encryption: 0,
     luksUuid: "",
     recoveryKey: "",
+    imageVersion: "",
   };
 }
 
@@ -1597,6 +1767,9 @@ export const InstallResult: MessageFns<InstallResult> = {
     }
     if (message.recoveryKey !== "") {
       writer.uint32(74).string(message.recoveryKey);
+    }
+    if (message.imageVersion !== "") {
+      writer.uint32(82).string(message.imageVersion);
     }
     return writer;
   },
@@ -1686,6 +1859,14 @@ export const InstallResult: MessageFns<InstallResult> = {
             message.recoveryKey = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.imageVersion = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1712,6 +1893,7 @@ export const InstallResult: MessageFns<InstallResult> = {
     message.encryption = object.encryption ?? 0;
     message.luksUuid = object.luksUuid ?? "";
     message.recoveryKey = object.recoveryKey ?? "";
+    message.imageVersion = object.imageVersion ?? "";
     return message;
   },
 };

@@ -1,8 +1,9 @@
 /**
- * Resumable payload download: bytes go to `<dest>.part` and, in order, to the caller's taps
- * (hashes, gpgv); a dropped connection or a 5xx answer is retried with `Range: bytes=N-` from where
- * it stopped, and a `.part` left by an earlier attempt is read through the taps first and then
- * continued. The finished file is renamed to `dest`. Honours the abort signal.
+ * Resumable download of a release file (an update payload or an install image): bytes go to
+ * `<dest>.part` and, in order, to the caller's tap when it has one (hashes, gpgv); a dropped
+ * connection or a 5xx answer is retried with `Range: bytes=N-` from where it stopped, and a `.part`
+ * left by an earlier attempt is kept and continued (read through the tap first, when there is one).
+ * The finished file is renamed to `dest`. Honours the abort signal.
  */
 import { open, rename, stat } from "node:fs/promises";
 import { PiccoloError } from "../errors.js";
@@ -17,8 +18,8 @@ export interface DownloadOptions {
   /** Attempts after the first. */
   readonly retries: number;
   readonly signal: AbortSignal;
-  /** Gets every byte of the file in order, exactly once. */
-  tap(chunk: Buffer): Promise<void> | void;
+  /** Gets every byte of the file in order, exactly once (none: the file is checked once it is whole). */
+  tap?(chunk: Buffer): Promise<void> | void;
   progress(done: number, total: number, note?: string): void;
   /** Delay before retry n (1-based), ms. */
   readonly backoffMs?: (n: number) => number;
@@ -47,8 +48,9 @@ export async function download(o: DownloadOptions): Promise<DownloadResult> {
   const fh = await open(part, have > 0 ? "r+" : "w", 0o600);
   const resumedFrom = have;
   try {
-    if (have > 0) {
-      // Feed what an earlier attempt left through the taps, then continue after it.
+    if (have > 0) o.progress(have, o.size, `resuming an earlier download at byte ${have}`);
+    if (have > 0 && o.tap) {
+      // Feed what an earlier attempt left through the tap, then continue after it.
       const buf = Buffer.alloc(1 << 20);
       let pos = 0;
       while (pos < have) {
@@ -144,7 +146,7 @@ async function attempt(o: DownloadOptions, fh: import("node:fs/promises").FileHa
       const buf = batch.length === 1 ? batch[0]! : Buffer.concat(batch, batched);
       batch = [];
       batched = 0;
-      await Promise.all([fh.write(buf, 0, buf.length, st.have), o.tap(buf)]);
+      await Promise.all([fh.write(buf, 0, buf.length, st.have), o.tap?.(buf)]);
       st.have += buf.length;
       o.progress(st.have, o.size);
     };
