@@ -199,8 +199,10 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   });
   ops.register(update.applyKind);
   ops.register(update.rollbackKind);
+  // One block device inventory for the installer (targets) and storage (ListDisks, encryption).
+  const inventory = createDiskInventory();
   const installer = createInstaller({
-    inventory: createDiskInventory(),
+    inventory,
     verifier: createOpenPgpVerifier({ keyrings: config.installerKeyrings }),
     log: log.child({ area: "installer" }),
     imageDirs: config.installerImageDirs,
@@ -276,6 +278,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   registry.add(
     StorageServiceService,
     createStorageService({
+      inventory,
       volumes,
       ops,
       credentials,
