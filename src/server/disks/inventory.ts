@@ -5,6 +5,7 @@
  */
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
+import type { Disk } from "../../../gen/piccolo/storage/v1/storage.js";
 import { PiccoloError } from "../errors.js";
 import { runTool } from "../storage/run.js";
 
@@ -54,35 +55,10 @@ export interface BlockDevice {
 }
 
 /**
- * Any device lsblk prints, as the storage area reports it (the fields of piccolo.storage.v1.Disk):
- * lsblk's values as they are (TRAN unmapped), children nested.
+ * Any device lsblk prints, as the storage area reports it (piccolo.storage.v1.Disk): lsblk's values
+ * as they are (TRAN unmapped, MOUNTPOINTS in lsblk's order), children nested.
  */
-export interface DiskNode {
-  /** Kernel name, e.g. "sda", "loop3". */
-  name: string;
-  path: string;
-  /** lsblk TYPE: "disk", "part", "loop", "crypt", … */
-  type: string;
-  sizeBytes: number;
-  model: string;
-  serial: string;
-  /** lsblk TRAN as printed ("sata", "nvme", "usb", …; empty when lsblk has none). */
-  transport: string;
-  rotational: boolean;
-  removable: boolean;
-  readOnly: boolean;
-  fsType: string;
-  label: string;
-  uuid: string;
-  partitionTableType: string;
-  partitionLabel: string;
-  partitionType: string;
-  partitionUuid: string;
-  mountPoints: string[];
-  /** For a loop device, the file behind it; empty otherwise. */
-  backingFile: string;
-  children: DiskNode[];
-}
+export type DiskNode = Disk;
 
 /** Reads the block device inventory. */
 export interface DiskInventory {
@@ -211,6 +187,7 @@ export function parseLsblk(json: string): BlockDevice[] {
   return wholeDevices(rawDevices(json));
 }
 
+/** The whole devices among lsblk's top-level ones (partitions nested), without empty loop devices. */
 function wholeDevices(devices: readonly RawDevice[]): BlockDevice[] {
   const out: BlockDevice[] = [];
   for (const d of devices) {
