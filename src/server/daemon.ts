@@ -199,8 +199,10 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   });
   ops.register(update.applyKind);
   ops.register(update.rollbackKind);
+  // One block device inventory for the installer (targets) and storage (ListDisks, encryption).
+  const inventory = createDiskInventory();
   const installer = createInstaller({
-    inventory: createDiskInventory(),
+    inventory,
     verifier: update.verifier,
     downloadDir: join(config.stateDir, "installer", "downloads"),
     releaseSource: () => update.releaseSource(),
@@ -279,6 +281,7 @@ export async function startDaemon(config: Config, log: Logger): Promise<Daemon> 
   registry.add(
     StorageServiceService,
     createStorageService({
+      inventory,
       volumes,
       ops,
       credentials,

@@ -5,17 +5,7 @@
  * certificate, with a bearer token (resolveApiOptions() says where each comes from).
  */
 import { readFile } from "node:fs/promises";
-import type {
-  CreateTokenRequest,
-  CreateTokenResponse,
-  GetAuthInfoResponse,
-  ListTokensResponse,
-  LoginRequest,
-  LoginResponse,
-  RevokeTokenResponse,
-  SetPasswordRequest,
-  SetPasswordResponse,
-} from "../../../gen/piccolo/auth/v1/auth.js";
+import { AuthServiceService } from "../../../gen/piccolo/auth/v1/auth.js";
 import type {
   ListOperationsRequest,
   ListOperationsResponse,
@@ -54,20 +44,13 @@ import { BackupServiceService } from "../../../gen/piccolo/backup/v1/backup.js";
 import { InstallerServiceService } from "../../../gen/piccolo/installer/v1/installer.js";
 import { NetworkServiceService } from "../../../gen/piccolo/network/v1/network.js";
 import { StorageServiceService } from "../../../gen/piccolo/storage/v1/storage.js";
-import type {
-  AgentService,
-  CreateAgentServiceRequest,
-  CreateTaskRunRequest,
-  ListTaskRunsRequest,
-  ListTaskRunsResponse,
-  TaskRun,
-} from "../../../gen/piccolo/tasks/v1/tasks.js";
+import { TaskServiceService } from "../../../gen/piccolo/tasks/v1/tasks.js";
+import { UpdateServiceService } from "../../../gen/piccolo/update/v1/update.js";
 import { createGrpcClients, grpcTarget, type PiccoloGrpcClients } from "../grpc-client.js";
 import { createRestClients, type PiccoloRestClients } from "../rest-clients.js";
 import { createPinnedFetch, resolveTrust } from "../tls.js";
 import type { OpenWatch } from "../watch.js";
 import { UsageError } from "./errors.js";
-import { grpcUpdateApi, restUpdateApi, type UpdateApi } from "./update-api.js";
 
 /** Default deadline of unary calls in ms. */
 export const DEFAULT_UNARY_TIMEOUT_MS = 30_000;
@@ -157,16 +140,6 @@ export async function resolveApiOptions(f: ConnectionFlags, defaultCertFile = DE
   return { ...base, ca: trust.ca, fingerprint: trust.fingerprint };
 }
 
-/** AuthService calls. */
-export interface AuthApi {
-  createToken(request: CreateTokenRequest): Promise<CreateTokenResponse>;
-  login(request: LoginRequest): Promise<LoginResponse>;
-  revokeToken(id: string): Promise<RevokeTokenResponse>;
-  listTokens(): Promise<ListTokensResponse>;
-  setPassword(request: SetPasswordRequest): Promise<SetPasswordResponse>;
-  getAuthInfo(): Promise<GetAuthInfoResponse>;
-}
-
 /** The ContainerService calls piccoloctl makes; streams end when `signal` aborts. */
 export interface ContainersApi {
   listContainers(request: ListContainersRequest): Promise<ListContainersResponse>;
@@ -188,16 +161,6 @@ export interface ContainersApi {
   /** Starts a containers.image_build operation and streams its events. */
   buildImage(request: BuildImageRequest, signal: AbortSignal): AsyncIterable<OperationEvent>;
   removeImage(request: RemoveImageRequest): Promise<RemoveImageResponse>;
-}
-
-/** The TaskService calls piccoloctl makes. */
-export interface TasksApi {
-  /** Starts a tasks.run operation and streams its events. */
-  createTaskRun(request: CreateTaskRunRequest, signal: AbortSignal): AsyncIterable<OperationEvent>;
-  listTaskRuns(request: ListTaskRunsRequest): Promise<ListTaskRunsResponse>;
-  getTaskRun(id: string): Promise<TaskRun>;
-  cancelTaskRun(id: string): Promise<TaskRun>;
-  createAgentService(request: CreateAgentServiceRequest): Promise<AgentService>;
 }
 
 /** A service client reduced to what the CLI calls: unary methods, and streams taking the command's signal. */
@@ -237,11 +200,11 @@ export interface PiccoloApi {
   /** ContainerService. */
   readonly containers: ContainersApi;
   /** TaskService. */
-  readonly tasks: TasksApi;
+  readonly tasks: CliService<typeof TaskServiceService>;
   /** UpdateService. */
-  readonly update: UpdateApi;
+  readonly update: CliService<typeof UpdateServiceService>;
   /** AuthService. */
-  readonly auth: AuthApi;
+  readonly auth: CliService<typeof AuthServiceService>;
   /** StorageService. */
   readonly storage: CliService<typeof StorageServiceService>;
   /** NetworkService. */
@@ -333,22 +296,6 @@ export function connectApi(options: ApiOptions): PiccoloApi {
         buildImage: (r, signal) => c.containers.buildImage(r, { signal: withDeadline(signal, streamMs) }),
         removeImage: (r) => c.containers.removeImage(r, unary()),
       },
-      tasks: {
-        createTaskRun: (r, signal) => c.tasks.createTaskRun(r, { signal: withDeadline(signal, streamMs) }),
-        listTaskRuns: (r) => c.tasks.listTaskRuns(r, unary()),
-        getTaskRun: (id) => c.tasks.getTaskRun({ id }, unary()),
-        cancelTaskRun: (id) => c.tasks.cancelTaskRun({ id }, unary()),
-        createAgentService: (r) => c.tasks.createAgentService(r, unary()),
-      },
-      update: restUpdateApi(c, unary, (signal) => ({ signal: withDeadline(signal, streamMs) })),
-      auth: {
-        createToken: (r) => c.auth.createToken(r, unary()),
-        login: (r) => c.auth.login(r, unary()),
-        revokeToken: (id) => c.auth.revokeToken({ id }, unary()),
-        listTokens: () => c.auth.listTokens({}, unary()),
-        setPassword: (r) => c.auth.setPassword(r, unary()),
-        getAuthInfo: () => c.auth.getAuthInfo({}, unary()),
-      },
       ...restAreas(c, unaryMs, streamMs),
       close: () => undefined,
     };
@@ -388,22 +335,6 @@ export function connectApi(options: ApiOptions): PiccoloApi {
       buildImage: (r, signal) => c.containers.buildImage(r, { signal, timeoutMs: streamMs }),
       removeImage: (r) => c.containers.removeImage(r),
     },
-    tasks: {
-      createTaskRun: (r, signal) => c.tasks.createTaskRun(r, { signal, timeoutMs: streamMs }),
-      listTaskRuns: (r) => c.tasks.listTaskRuns(r),
-      getTaskRun: (id) => c.tasks.getTaskRun({ id }),
-      cancelTaskRun: (id) => c.tasks.cancelTaskRun({ id }),
-      createAgentService: (r) => c.tasks.createAgentService(r),
-    },
-    update: grpcUpdateApi(c, streamMs),
-    auth: {
-      createToken: (r) => c.auth.createToken(r),
-      login: (r) => c.auth.login(r),
-      revokeToken: (id) => c.auth.revokeToken({ id }),
-      listTokens: () => c.auth.listTokens({}),
-      setPassword: (r) => c.auth.setPassword(r),
-      getAuthInfo: () => c.auth.getAuthInfo({}),
-    },
     ...grpcAreas(c, streamMs),
     close: () => c.close(),
   };
@@ -411,6 +342,9 @@ export function connectApi(options: ApiOptions): PiccoloApi {
 
 /** Services the CLI reaches through the generic binding (every method, either transport). */
 const AREAS = {
+  tasks: TaskServiceService,
+  update: UpdateServiceService,
+  auth: AuthServiceService,
   storage: StorageServiceService,
   network: NetworkServiceService,
   backup: BackupServiceService,
@@ -419,13 +353,18 @@ const AREAS = {
 type AreaKey = keyof typeof AREAS;
 type Method = (request: unknown, options: unknown) => unknown;
 
+/** Every area of AREAS bound with `bind`. */
+function bindAll(bind: <K extends AreaKey>(k: K) => PiccoloApi[K]): Pick<PiccoloApi, AreaKey> {
+  return Object.fromEntries((Object.keys(AREAS) as AreaKey[]).map((k) => [k, bind(k)])) as Pick<PiccoloApi, AreaKey>;
+}
+
 /** The generically bound services over REST. */
 function restAreas(c: PiccoloRestClients, unaryMs: number, streamMs: number): Pick<PiccoloApi, AreaKey> {
   const bind = <K extends AreaKey>(k: K): PiccoloApi[K] =>
     bindService(AREAS[k], (m, r, stream, signal) =>
       ((c[k] as unknown as Record<string, Method>)[m]!).call(c[k], r, { signal: withDeadline(signal, stream ? streamMs : unaryMs) }),
     ) as unknown as PiccoloApi[K];
-  return { storage: bind("storage"), network: bind("network"), backup: bind("backup"), installer: bind("installer") };
+  return bindAll(bind);
 }
 
 /** The generically bound services over gRPC. */
@@ -434,5 +373,5 @@ function grpcAreas(c: PiccoloGrpcClients, streamMs: number): Pick<PiccoloApi, Ar
     bindService(AREAS[k], (m, r, stream, signal) =>
       ((c[k] as unknown as Record<string, Method>)[m]!)(r, stream ? { signal, timeoutMs: streamMs } : {}),
     ) as unknown as PiccoloApi[K];
-  return { storage: bind("storage"), network: bind("network"), backup: bind("backup"), installer: bind("installer") };
+  return bindAll(bind);
 }

@@ -90,7 +90,7 @@ export async function authPasswdCommand(c: CommandContext, user: string | undefi
 
 /** `auth revoke ID`: RevokeToken. */
 export async function authRevokeCommand(c: CommandContext, id: string): Promise<number> {
-  const res = await c.api.auth.revokeToken(id);
+  const res = await c.api.auth.revokeToken({ id });
   if (c.global.output === "json") c.stdout.write(jsonDocument("piccolo.auth.v1.RevokeTokenResponse", RevokeTokenResponse, res));
   else c.stdout.write(`token ${id} revoked at ${formatTime(res.info?.revokeTime)}\n`);
   return 0;
@@ -98,7 +98,7 @@ export async function authRevokeCommand(c: CommandContext, id: string): Promise<
 
 /** `auth tokens`: ListTokens. */
 export async function authTokensCommand(c: CommandContext): Promise<number> {
-  const res = await c.api.auth.listTokens();
+  const res = await c.api.auth.listTokens({});
   if (c.global.output === "json") c.stdout.write(jsonDocument("piccolo.auth.v1.ListTokensResponse", ListTokensResponse, res));
   else {
     c.stdout.write(
@@ -113,7 +113,7 @@ export async function authTokensCommand(c: CommandContext): Promise<number> {
 
 /** `auth fingerprint`: the TLS certificate's SHA-256 fingerprint (exit 1 when TCP has no TLS). */
 export async function authFingerprintCommand(c: CommandContext): Promise<number> {
-  const info = await c.api.auth.getAuthInfo();
+  const info = await c.api.auth.getAuthInfo({});
   if (c.global.output === "json") {
     c.stdout.write(`${JSON.stringify({ tlsFingerprintSha256: info.tlsFingerprintSha256, tlsEnabled: info.tlsEnabled })}\n`);
   } else if (info.tlsEnabled) c.stdout.write(`${info.tlsFingerprintSha256}\n`);
@@ -123,7 +123,7 @@ export async function authFingerprintCommand(c: CommandContext): Promise<number>
 
 /** `auth whoami`: the caller's role and token, and the daemon's TLS and key protection. */
 export async function authWhoamiCommand(c: CommandContext): Promise<number> {
-  const info = await c.api.auth.getAuthInfo();
+  const info = await c.api.auth.getAuthInfo({});
   if (c.global.output === "json") {
     c.stdout.write(jsonDocument("piccolo.auth.v1.GetAuthInfoResponse", GetAuthInfoResponse, { ...info, tlsCertificatePem: "" }));
     return 0;

@@ -59,7 +59,7 @@ export async function versionCommand(c: CommandContext): Promise<number> {
     return 0;
   }
   // The TLS fingerprint, so it can be pinned from another machine (GetAuthInfo is public).
-  const auth = await c.api.auth.getAuthInfo().catch(() => undefined);
+  const auth = await c.api.auth.getAuthInfo({}).catch(() => undefined);
   c.stdout.write(formatVersion(v, auth ? (auth.tlsEnabled ? auth.tlsFingerprintSha256 : "off (insecurePlaintext)") : undefined));
   return 0;
 }

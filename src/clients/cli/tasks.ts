@@ -130,7 +130,7 @@ export async function tasksRunCommand(
   });
   // The per-task picture at the end, also after a failure or cancel (branches made are listed).
   if (!opts.detach && id && c.global.output === "text") {
-    const run = await c.api.tasks.getTaskRun(id).catch(() => undefined);
+    const run = await c.api.tasks.getTaskRun({ id }).catch(() => undefined);
     if (run) c.stdout.write(`\n${formatTaskRun(run)}`);
   }
   return code;
@@ -168,14 +168,14 @@ export async function tasksListCommand(c: CommandContext, opts: { readonly limit
 
 /** `tasks get ID`. */
 export async function tasksGetCommand(c: CommandContext, id: string): Promise<number> {
-  const run = await c.api.tasks.getTaskRun(id);
+  const run = await c.api.tasks.getTaskRun({ id });
   c.stdout.write(c.global.output === "json" ? jsonDocument(`${T}TaskRun`, TaskRun, run) : formatTaskRun(run));
   return 0;
 }
 
 /** `tasks cancel ID`. */
 export async function tasksCancelCommand(c: CommandContext, id: string): Promise<number> {
-  const run = await c.api.tasks.cancelTaskRun(id);
+  const run = await c.api.tasks.cancelTaskRun({ id });
   c.stdout.write(c.global.output === "json" ? jsonDocument(`${T}TaskRun`, TaskRun, run) : `cancelling ${run.id}; its agent gets the grace period to stop (follow with: piccoloctl ops watch ${run.id})\n`);
   return 0;
 }

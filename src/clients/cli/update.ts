@@ -65,7 +65,7 @@ export function formatUpdateStatus(s: GetUpdateStatusResponse): string {
 
 /** `update status`. */
 export async function updateStatusCommand(c: CommandContext): Promise<number> {
-  const s = await c.api.update.getUpdateStatus();
+  const s = await c.api.update.getUpdateStatus({});
   c.stdout.write(c.global.output === "json" ? jsonDocument(`${T}GetUpdateStatusResponse`, GetUpdateStatusResponse, s) : formatUpdateStatus(s));
   return 0;
 }

@@ -1,10 +1,13 @@
 /**
- * The host's block devices, read from `lsblk -J -b -O`. A small standalone module: the installer
- * uses it to pick targets and the storage area to list disks. It only reads; nothing here changes
- * a device.
+ * The host's block devices, read from `lsblk -J -b -O`. One module for both readers: the installer
+ * picks targets from list()/get(), the storage area lists disks with tree(). It only reads;
+ * nothing here changes a device.
  */
-import { execFile } from "node:child_process";
-import { unavailable } from "../errors.js";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { Disk } from "../../../gen/piccolo/storage/v1/storage.js";
+import { PiccoloError } from "../errors.js";
+import { runTool } from "../storage/run.js";
 
 /** How a disk is attached, from lsblk's TRAN (and TYPE for loop devices). */
 export type DiskTransport = "usb" | "nvme" | "sata" | "virtio" | "scsi" | "loop" | "other" | "";
@@ -51,18 +54,28 @@ export interface BlockDevice {
   readonly partitions: readonly BlockPartition[];
 }
 
+/**
+ * Any device lsblk prints, as the storage area reports it (piccolo.storage.v1.Disk): lsblk's values
+ * as they are (TRAN unmapped, MOUNTPOINTS in lsblk's order), children nested.
+ */
+export type DiskNode = Disk;
+
 /** Reads the block device inventory. */
 export interface DiskInventory {
   /** Every disk-like device (disks, loop devices with a backing file, …), in lsblk's order. */
   list(signal?: AbortSignal): Promise<BlockDevice[]>;
   /** One device by path (after resolving symlinks such as /dev/disk/by-id/…); undefined when lsblk does not list it. */
   get(path: string, signal?: AbortSignal): Promise<BlockDevice | undefined>;
+  /** Every device lsblk prints (empty loop devices and all), as a tree; a loop device's backing file filled in from sysfs when lsblk leaves it out. */
+  tree(signal?: AbortSignal): Promise<DiskNode[]>;
 }
 
 /** Options of createDiskInventory. */
 export interface DiskInventoryOptions {
   /** The lsblk binary. */
   readonly lsblk?: string;
+  /** Where sysfs is mounted (loop devices' backing files); default /sys. */
+  readonly sysfsRoot?: string;
 }
 
 interface RawDevice {
@@ -82,20 +95,27 @@ interface RawDevice {
   pttype?: string | null;
   fstype?: string | null;
   label?: string | null;
+  uuid?: string | null;
   partlabel?: string | null;
+  parttype?: string | null;
+  partuuid?: string | null;
+  "back-file"?: string | null;
   mountpoint?: string | null;
   mountpoints?: (string | null)[] | null;
   children?: RawDevice[];
 }
 
 const str = (v: unknown): string => (typeof v === "string" ? v.trim() : "");
-const num = (v: unknown): number => (typeof v === "number" ? v : typeof v === "string" && v !== "" ? Number(v) : 0);
+const num = (v: unknown): number => (typeof v === "number" ? v : typeof v === "string" && /^\d+$/.test(v) ? Number(v) : 0);
 const bool = (v: unknown): boolean => v === true || v === "1" || v === 1;
+const devPath = (d: RawDevice): string => str(d.path) || `/dev/${str(d.name)}`;
 
-const mounts = (d: RawDevice): string[] => {
-  const all = [...(d.mountpoints ?? []), d.mountpoint].filter((m): m is string => typeof m === "string" && m !== "");
-  return [...new Set(all)];
-};
+/** MOUNTPOINTS as lsblk lists them (older lsblk: the single MOUNTPOINT). */
+const mountList = (d: RawDevice): string[] =>
+  (d.mountpoints ?? (d.mountpoint ? [d.mountpoint] : [])).filter((m): m is string => typeof m === "string" && m !== "");
+
+/** Every place the device is mounted, once each. */
+const mounts = (d: RawDevice): string[] => [...new Set([...mountList(d), ...(d.mountpoint ? [d.mountpoint] : [])])];
 
 const transportOf = (d: RawDevice): DiskTransport => {
   if (d.type === "loop") return "loop";
@@ -115,7 +135,7 @@ const transportOf = (d: RawDevice): DiskTransport => {
 };
 
 const partitionOf = (d: RawDevice): BlockPartition => ({
-  path: str(d.path) || `/dev/${str(d.name)}`,
+  path: devPath(d),
   type: str(d.type),
   partLabel: str(d.partlabel),
   fsLabel: str(d.label),
@@ -125,16 +145,57 @@ const partitionOf = (d: RawDevice): BlockPartition => ({
   children: (d.children ?? []).map(partitionOf),
 });
 
+const nodeOf = (d: RawDevice): DiskNode => ({
+  name: str(d.name),
+  path: devPath(d),
+  type: str(d.type),
+  sizeBytes: num(d.size),
+  model: str(d.model),
+  serial: str(d.serial),
+  transport: str(d.tran),
+  rotational: bool(d.rota),
+  removable: bool(d.rm),
+  readOnly: bool(d.ro),
+  fsType: str(d.fstype),
+  label: str(d.label),
+  uuid: str(d.uuid),
+  partitionTableType: str(d.pttype),
+  partitionLabel: str(d.partlabel),
+  partitionType: str(d.parttype),
+  partitionUuid: str(d.partuuid),
+  mountPoints: mountList(d),
+  backingFile: str(d["back-file"]),
+  children: (d.children ?? []).map(nodeOf),
+});
+
+/** The top-level devices of `lsblk -J` output. */
+function rawDevices(json: string): RawDevice[] {
+  try {
+    return (JSON.parse(json) as { blockdevices?: RawDevice[] }).blockdevices ?? [];
+  } catch (e) {
+    throw new Error(`lsblk printed JSON piccolod cannot read: ${(e as Error).message}`);
+  }
+}
+
+/** Parses `lsblk -J -b -O` output into every device it lists, as a tree (for the storage area). */
+export function parseLsblkTree(json: string): DiskNode[] {
+  return rawDevices(json).map(nodeOf);
+}
+
 /** Parses `lsblk -J -b -O` output into whole devices (partitions nested); skips empty loop devices. */
 export function parseLsblk(json: string): BlockDevice[] {
-  const doc = JSON.parse(json) as { blockdevices?: RawDevice[] };
+  return wholeDevices(rawDevices(json));
+}
+
+/** The whole devices among lsblk's top-level ones (partitions nested), without empty loop devices. */
+function wholeDevices(devices: readonly RawDevice[]): BlockDevice[] {
   const out: BlockDevice[] = [];
-  for (const d of doc.blockdevices ?? []) {
+  for (const d of devices) {
     const size = num(d.size);
     if (d.type === "loop" && size === 0) continue; // an unattached loop device
     if (d.type === "part") continue;
     out.push({
-      path: str(d.path) || `/dev/${str(d.name)}`,
+      path: devPath(d),
       name: str(d.name),
       majMin: str(d["maj:min"]),
       type: str(d.type),
@@ -168,36 +229,43 @@ export function allMountPoints(d: BlockDevice): string[] {
   return acc;
 }
 
+/** lsblk exited non-zero (for get(): the path is not a block device lsblk knows). */
+class LsblkFailed extends PiccoloError {}
+
 /** Creates the lsblk-backed inventory. */
 export function createDiskInventory(options: DiskInventoryOptions = {}): DiskInventory {
   const bin = options.lsblk ?? "lsblk";
-  const read = (args: string[], signal?: AbortSignal): Promise<BlockDevice[]> =>
-    new Promise((resolve, reject) => {
-      execFile(bin, ["-J", "-b", "-O", ...args], { signal, maxBuffer: 32 << 20 }, (err, stdout, stderr) => {
-        if (err) {
-          if ((err as NodeJS.ErrnoException).code === "ENOENT") return reject(unavailable(`lsblk (${bin})`, err));
-          if (err.name === "AbortError") return reject(err);
-          const e = new Error(`lsblk failed: ${stderr.trim() || err.message}`) as Error & { lsblkFailed: true };
-          e.lsblkFailed = true;
-          return reject(e);
-        }
-        try {
-          resolve(parseLsblk(stdout));
-        } catch (e) {
-          reject(new Error(`lsblk printed JSON piccolod cannot read: ${(e as Error).message}`));
-        }
-      });
-    });
+  const sysfs = options.sysfsRoot ?? "/sys";
+  const read = async (args: readonly string[], signal?: AbortSignal): Promise<RawDevice[]> => {
+    const r = await runTool(bin, ["-J", "-b", "-O", ...args], { signal }, "install util-linux (lsblk)");
+    if (r.code !== 0) throw new LsblkFailed("unavailable", `lsblk failed (exit ${r.code}): ${r.stderr.trim()}`, { reason: "HOST_PART_UNAVAILABLE" });
+    return rawDevices(r.stdout);
+  };
   return {
-    list: (signal) => read([], signal),
+    list: async (signal) => wholeDevices(await read([], signal)),
     async get(path, signal) {
       try {
-        const [d] = await read([path], signal);
+        const [d] = wholeDevices(await read([path], signal));
         return d;
       } catch (e) {
-        if ((e as { lsblkFailed?: boolean }).lsblkFailed) return undefined; // not a block device lsblk knows
+        if (e instanceof LsblkFailed) return undefined; // not a block device lsblk knows
         throw e;
       }
     },
+    async tree(signal) {
+      const disks = (await read([], signal)).map(nodeOf);
+      // Some lsblk versions leave the loop backing file out of -O: the kernel has it in sysfs.
+      for (const d of disks) {
+        if (d.type === "loop" && d.backingFile === "") {
+          d.backingFile = (await readFile(join(sysfs, "block", d.name, "loop", "backing_file"), "utf8").catch(() => "")).trim();
+        }
+      }
+      return disks;
+    },
   };
+}
+
+/** Every device in a tree, depth first. */
+export function flattenTree(disks: readonly DiskNode[]): DiskNode[] {
+  return disks.flatMap((d) => [d, ...flattenTree(d.children)]);
 }

@@ -5,13 +5,13 @@ import {
   ResealEncryptionResult,
   type StorageServiceService,
 } from "../../../gen/piccolo/storage/v1/storage.js";
+import { flattenTree, type DiskInventory } from "../disks/inventory.js";
 import { invalidArgument, PiccoloError } from "../errors.js";
 import type { OperationKind, OperationManager } from "../operations/manager.js";
 import { streamOperation } from "../operations/service.js";
 import type { ServiceImpl } from "../rpc.js";
 import type { CredentialStore } from "../trust/credentials.js";
 import { watchAlerts } from "./alerts.js";
-import { flattenDisks, listDisks } from "./disks.js";
 import { checkDevicePath, checkKey, encryptionStatus, reseal } from "./encryption.js";
 import { listFilesystems } from "./filesystems.js";
 import { checkVolumeName, type VolumeManager } from "./volumes.js";
@@ -21,6 +21,8 @@ export const RESEAL_KIND = "storage.reseal";
 
 /** What StorageService needs. */
 export interface StorageServiceDeps {
+  /** The block device inventory (shared with the installer). */
+  readonly inventory: DiskInventory;
   readonly volumes: VolumeManager;
   readonly ops: OperationManager;
   readonly credentials: CredentialStore;
@@ -71,7 +73,7 @@ export function createStorageService(deps: StorageServiceDeps): ServiceImpl<type
   const fs = () => listFilesystems(deps.mountInfoFile);
   return {
     async listDisks(_req, ctx) {
-      return { disks: await listDisks(ctx.signal) };
+      return { disks: await deps.inventory.tree(ctx.signal) };
     },
     async listFilesystems() {
       return { filesystems: await fs() };
@@ -94,7 +96,7 @@ export function createStorageService(deps: StorageServiceDeps): ServiceImpl<type
         paths = [];
         for (const [i, d] of req.devices.entries()) paths.push(await checkDevicePath(d, `devices[${i}]`));
       } else {
-        paths = flattenDisks(await listDisks(ctx.signal))
+        paths = flattenTree(await deps.inventory.tree(ctx.signal))
           .filter((d) => d.fsType === "crypto_LUKS")
           .map((d) => d.path);
       }
