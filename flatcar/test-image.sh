@@ -4,7 +4,10 @@
 #   piccolod active as root and answering; restarted within 5 s after kill -9; update-engine held
 #   back while piccolod is unhealthy and started once it is healthy; a key sealed in the guest with
 #   --tpm2-device=auto reaching piccolod through LoadCredentialEncrypted=, and not decrypting on a
-#   fresh TPM (a second boot with a new swtpm state); the API reachable through a port forward.
+#   fresh TPM (a second boot with a new swtpm state); the API reachable through a port forward;
+#   an agent service made by CreateAgentService started by systemd (dynamic user, its container
+#   running with the sealed key as a read-only file and nowhere else, replaced and restarted by a
+#   second call).
 # Without --image (CI, and any machine that cannot download Flatcar) it boots a stand-in: a
 # minimal Debian (debootstrap) with a kernel and systemd, cached by the hash of its recipe, with
 # the piccolod sysext merged by systemd-sysext.
@@ -81,7 +84,9 @@ prepare_standin() {
 # --- the stand-in root filesystem, cached by the hash of its recipe ---
 suite=bookworm
 mirror=http://deb.debian.org/debian
-packages="systemd,systemd-sysv,udev,kmod,dbus,linux-image-amd64,curl,tpm2-tools,cryptsetup-bin,procps,iproute2,e2fsprogs"
+# docker.io (with apparmor, which its engine needs on a kernel with AppArmor on) runs the agent
+# service checks; busybox-static is the whole of the agent image made in the guest.
+packages="systemd,systemd-sysv,udev,kmod,dbus,linux-image-amd64,curl,tpm2-tools,cryptsetup-bin,procps,iproute2,e2fsprogs,docker.io,apparmor,busybox-static"
 recipe="debootstrap --variant=minbase --include=$packages $suite $mirror v1"
 key=$(printf '%s' "$recipe" | sha256sum | cut -c1-16)
 base="$cache/rootfs-$key.tar"
@@ -179,6 +184,14 @@ prepare_flatcar() {
   www="$work/www"
   mkdir -p "$www"
   for f in "$work/build"/piccolod-*.raw; do ln -sf "$f" "$www/piccolod.raw"; done
+  # Flatcar has no busybox; the agent image the guest makes for the agent service checks is the
+  # host's static one (the stand-in has busybox-static installed).
+  ensure_debian_packages "busybox:busybox-static"
+  if ldd "$(command -v busybox)" >/dev/null 2>&1; then
+    echo "test-image.sh: $(command -v busybox) is not statically linked; install busybox-static" >&2
+    exit 1
+  fi
+  ln -sf "$(command -v busybox)" "$www/busybox"
   cp "$work/build/piccolod.ign" "$www/piccolod.ign"
   python3 -m http.server --bind 127.0.0.1 --directory "$www" "$http_port" >"$work/http.log" 2>&1 &
   pids+=("$!")
@@ -194,6 +207,7 @@ ign = {
   "storage": {"files": [
     {"path": "/opt/piccolo-test/guest-test.sh", "mode": 493, "contents": {"source": "data:;base64," + guest}},
     {"path": "/opt/piccolo-test/place-keys.sh", "mode": 493, "contents": {"source": "data:;base64," + keys}},
+    {"path": "/opt/piccolo-test/busybox", "mode": 493, "contents": {"source": f"http://10.0.2.2:{port}/busybox"}},
     {"path": "/etc/piccolod/config.json", "mode": 420, "contents": {"source": "data:;base64," + conf}},
   ]},
   "systemd": {"units": [

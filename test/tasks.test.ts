@@ -8,7 +8,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { spawn, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { cp, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { cp, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ErrorInfo } from "../gen/google/rpc/error_details.js";
@@ -140,6 +140,8 @@ beforeAll(async () => {
   await new Promise<void>((resolve) => bus.stdout!.once("data", () => resolve()));
   sim = await startOpenAiSim({ apiKey: PLANNER_SECRET, answer: () => plannerAnswer });
   await engine.makeImage(BASE_IMAGE);
+  // As in piccolod.service (UMask=0077): the daemon inherits this.
+  const umask = process.umask(0o077);
   d = await startTestDaemon({
     extraArgs: [
       "--docker-socket", engine.socket,
@@ -150,7 +152,7 @@ beforeAll(async () => {
       "--agent-docker-cli", DOCKER_CLI,
       "--system-bus-address", busAddress,
     ],
-  });
+  }).finally(() => process.umask(umask));
   api = d.grpcUnix();
   // The trust area makes the device's attestation key right after start; wait for it, as two
   // users of a TPM without a resource manager (swtpm here) must not interleave.
@@ -466,6 +468,8 @@ describe("agent services", () => {
     expect(svc.started).toBe(false);
     const text = await readFile(join(unitDir(), svc.unit), "utf8");
     expect(text).toBe(svc.unitText);
+    // systemd and `systemctl cat` read it whatever the daemon's umask.
+    expect((await stat(join(unitDir(), svc.unit))).mode & 0o777).toBe(0o644);
     for (const line of ["DynamicUser=yes", "PrivateUsers=yes", "PrivateNetwork=yes", "DeviceAllow=", "DevicePolicy=closed"]) expect(text.split("\n")).toContain(line);
     expect(text).toContain(`LoadCredentialEncrypted=piccolod_openai_key:${join(d.stateDir, "secrets", "openai_key")}`);
     expect(text).toContain("source=%d/piccolod_openai_key,target=/run/secrets/openai_key,readonly");

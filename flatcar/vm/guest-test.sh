@@ -23,6 +23,8 @@ wait_api() {
   return 1
 }
 main_pid() { systemctl show -p MainPID --value piccolod.service; }
+# wait_for SECONDS CMD...: until CMD succeeds, or SECONDS pass.
+wait_for() { local end=$((SECONDS + $1)); shift; while [ $SECONDS -lt "$end" ]; do "$@" && return 0; sleep 1; done; return 1; }
 
 # The second disk carries the mode in its first bytes ("PICCOLO-MODE=main|fresh-tpm", written by
 # the host before each boot) and, from 1 MiB on, the sealed key saved by the main boot. A disk
@@ -135,12 +137,136 @@ else
   fail trust_secret_in_transient_unit "SealSecret failed: $(cat /tmp/seal.json)"
 fi
 
+# 7. An agent service (TaskService.CreateAgentService) started by the real systemd: the unit runs
+#    the agent container with the docker CLI as a dynamic user, its sealed key reaches the
+#    container as a read-only file and nowhere else, and a second call with another prompt
+#    replaces and restarts it. The image is made here from busybox-static (no registry).
+agent=vmagent
+aunit=piccolo-agent-$agent.service
+actr=piccolo-agent-$agent
+aimage=piccolo-vm-agent:1
+akey=vm-agent-key
+arepo=/var/lib/piccolo/data/vm-agent-repo
+avalue="vm-agent-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+asha=$(printf %s "$avalue" | sha256sum | cut -d' ' -f1)
+adm() { curl -fsS --cacert "$cert" -H "authorization: Bearer $ADMIN_TOKEN" --max-time 300 "$@"; }
+engine_info() { docker info --format 'dockerd {{.ServerVersion}}, storage {{.Driver}}, security {{join .SecurityOptions ","}}' 2>/dev/null; }
+engine_up() { systemctl start docker.service && wait_for 300 engine_info >/dev/null && engine_info; }
+make_agent_image() {
+  local r
+  r=$(mktemp -d)
+  mkdir -p "$r/bin" "$r/tmp"
+  # busybox-static on the stand-in; on Flatcar the host's, placed by Ignition.
+  cp "$(command -v busybox || echo "$here/busybox")" "$r/bin/busybox" || return 1
+  for a in sh sleep sha256sum cat echo; do ln -s busybox "$r/bin/$a"; done
+  tar -C "$r" -c . | docker import - "$aimage" >/dev/null || return 1
+  rm -rf "$r"
+  docker image inspect -f "$aimage {{.Id}}, {{.Size}} bytes" "$aimage"
+}
+seal_agent_key() {
+  adm -X PUT -H 'content-type: application/json' -d "{\"value\":\"$(printf %s "$avalue" | base64 -w0)\"}" \
+    "https://127.0.0.1:8080/api/v1/trust/secrets/$akey" >/dev/null && echo "$akey sealed, sha256 ${asha:0:12}…"
+}
+# The agent: says it is up with its prompt, then waits, and ends on SIGTERM (docker stop).
+agent_template='/bin/sh -c "trap \"exit 0\" TERM; echo \"agent up: {prompt}\"; while :; do sleep 1; done"'
+create_agent() { # create_agent PROMPT: CreateAgentService over REST, with start
+  local tpl=${agent_template//\\/\\\\}
+  tpl=${tpl//\"/\\\"}
+  adm -X POST -H 'content-type: application/json' "https://127.0.0.1:8080/api/v1/tasks/services" \
+    -d "{\"name\":\"$agent\",\"profile\":{\"image\":\"$aimage\",\"commandTemplate\":\"$tpl\",\"secrets\":[\"$akey\"]},\"repository\":\"$arepo\",\"prompt\":\"$1\",\"writeOnly\":false}"
+}
+unit_prop() { systemctl show -p "$1" --value "$aunit"; }
+ctr_running() { [ "$(docker inspect -f '{{.State.Running}}' "$actr" 2>/dev/null)" = true ]; }
+agent_running() { systemctl is-active --quiet "$aunit" && ctr_running; }
+agent_created() {
+  local out
+  out=$(create_agent "$1") || return 1
+  echo "$out" | grep -q '"started":true' || { echo "not started: $out"; return 1; }
+  # systemd reads it whatever piccolod's umask (0077); 0600 makes it warn on every reload.
+  [ "$(stat -c %a "/etc/systemd/system/$aunit")" = 644 ] || { echo "unit file mode $(stat -c %a "/etc/systemd/system/$aunit")"; return 1; }
+  echo "$(echo "$out" | grep -o '"unitPath":"[^"]*"\|"replaced":[a-z]*' | tr '\n' ' ')mode 644"
+}
+agent_active() {
+  wait_for 300 agent_running || { systemctl status --no-pager -n 0 "$aunit" | head -5; return 1; }
+  echo "$aunit $(systemctl is-active "$aunit") ($(unit_prop SubState)), container $actr running"
+}
+agent_dynamic_user() {
+  local pid uid
+  pid=$(unit_prop MainPID)
+  uid=$(ps -o uid= -p "$pid" | tr -d ' ')
+  [ "$(unit_prop DynamicUser)" = yes ] && [ -n "$uid" ] && [ "$uid" -ne 0 ] &&
+    [ "$uid" -ge 61184 ] && [ "$uid" -le 65519 ] &&
+    echo "main process $pid ($(ps -o comm= -p "$pid")) runs as uid $uid (dynamic range 61184-65519), not root; groups $(ps -o supgrp= -p "$pid" | tr -d ' ')"
+}
+agent_in_ps() { docker ps --filter "name=^$actr\$" --filter status=running --format '{{.Names}} {{.Image}} {{.Status}}' | grep .; }
+agent_secret_matches() {
+  local got
+  got=$(docker exec "$actr" sha256sum "/run/secrets/$akey" | cut -d' ' -f1)
+  [ "$got" = "$asha" ] && echo "sha256 of /run/secrets/$akey in the container ${got:0:12}… equals the sealed value's"
+}
+agent_secret_read_only() {
+  ! docker exec "$actr" sh -c "echo x >>/run/secrets/$akey" 2>/dev/null &&
+    docker inspect -f '{{range .Mounts}}{{if eq .Destination "/run/secrets/'"$akey"'"}}{{.Source}} -> {{.Destination}} rw={{.RW}}{{end}}{{end}}' "$actr" | grep 'rw=false'
+}
+agent_secret_not_in_inspect() {
+  local n
+  n=$(docker inspect "$actr" | wc -c)
+  ! docker inspect "$actr" | grep -qF "$avalue" && ! grep -qF "$avalue" "/etc/systemd/system/$aunit" &&
+    ! tr '\0' ' ' <"/proc/$(unit_prop MainPID)/cmdline" | grep -qF "$avalue" &&
+    echo "not in docker inspect ($n bytes), the unit file, nor the docker CLI's command line"
+}
+agent_secret_not_in_journal() {
+  local unit_lines all_lines
+  journalctl --sync 2>/dev/null || true
+  unit_lines=$(journalctl -u "$aunit" --no-pager -o cat | wc -l)
+  all_lines=$(journalctl --no-pager -o cat | wc -l)
+  journalctl -u "$aunit" --no-pager -o cat | grep -q "agent up:" || { echo "the agent's output is not in the unit's journal"; return 1; }
+  ! journalctl --no-pager -o cat | grep -qF "$avalue" &&
+    echo "not in the unit's journal ($unit_lines lines, with the agent's output) nor the whole journal ($all_lines lines)"
+}
+new_agent() { agent_running && [ "$(unit_prop InvocationID)" != "$inv0" ] && docker inspect -f '{{json .Args}}' "$actr" | grep -q "round two"; }
+agent_replaced() {
+  local ctr0 out
+  inv0=$(unit_prop InvocationID)
+  ctr0=$(docker inspect -f '{{.Id}}' "$actr")
+  out=$(agent_created "tidy the docs, round two") || { echo "$out"; return 1; }
+  echo "$out" | grep -q '"replaced":true' || { echo "not replaced: $out"; return 1; }
+  wait_for 300 new_agent || { echo "still the old agent: InvocationID $(unit_prop InvocationID), $(docker inspect -f '{{json .Args}}' "$actr" 2>&1)"; return 1; }
+  agent_secret_matches >/dev/null || { echo "the restarted container's secret does not match"; return 1; }
+  grep -q "round two" "/etc/systemd/system/$aunit" &&
+    echo "replaced; InvocationID ${inv0:0:8}→$(unit_prop InvocationID | cut -c1-8), container ${ctr0:0:12}→$(docker inspect -f '{{.Id}}' "$actr" | cut -c1-12) with the new prompt, key still matching"
+}
+agent_stops() {
+  systemctl disable --now "$aunit" >/dev/null 2>&1 || return 1
+  wait_for 120 sh -c "! docker ps -a --format '{{.Names}}' | grep -qx $actr" &&
+    echo "stopped and disabled: $(systemctl is-active "$aunit"), result $(unit_prop Result), container removed"
+}
+agent_failures=$failures
+mkdir -p "$arepo"
+check docker_engine_up engine_up
+check agent_image_imported make_agent_image
+check agent_key_sealed seal_agent_key
+check agent_service_created agent_created "tidy the docs"
+check agent_unit_active agent_active
+check agent_dynamic_user agent_dynamic_user
+check agent_container_running agent_in_ps
+check agent_secret_in_container agent_secret_matches
+check agent_secret_read_only agent_secret_read_only
+check agent_secret_not_in_inspect agent_secret_not_in_inspect
+check agent_secret_not_in_journal agent_secret_not_in_journal
+check agent_replaced_and_restarted agent_replaced
+check agent_stop_removes_container agent_stops
+if [ "$failures" -gt "$agent_failures" ]; then
+  echo "--- $aunit (status, journal; the key's value masked) ---"
+  { cat "/etc/systemd/system/$aunit"; systemctl status --no-pager -n 0 "$aunit"; journalctl -u "$aunit" --no-pager -n 40 -o short-monotonic; } 2>&1 | sed "s/$avalue/<key>/g" | cut -c1-300
+  echo "---"
+fi
+
 # 5. Network try mode on a dummy interface (the guest's own link stays as it is): a confirmed static
 # address is applied live by systemd-networkd; an unconfirmed change is applied, then reverted on
 # time, both in the .network file and in the live addresses.
 net_apply() { curl -fsS --cacert "$cert" -H "authorization: Bearer $ADMIN_TOKEN" --max-time 60 -H 'content-type: application/json' -d "{\"interfaces\":[{\"name\":\"pdummy0\",\"mode\":\"ADDRESSING_MODE_STATIC\",\"addresses\":[\"$1\"]}],\"confirmTimeoutSeconds\":$2}" https://127.0.0.1:8080/api/v1/network/config:apply | sed -n 's/.*"id":"\([^"]*\)".*/\1/p'; }
 has_addr() { ip -4 -o addr show dev pdummy0 2>/dev/null | grep -q " $1/"; }
-wait_for() { local end=$((SECONDS + $1)); shift; while [ $SECONDS -lt "$end" ]; do "$@" && return 0; sleep 1; done; return 1; }
 net_file=/etc/systemd/network/50-piccolod-pdummy0.network
 if ip link add pdummy0 type dummy 2>/tmp/dummy.err && ip link set pdummy0 up; then
   id=$(net_apply 10.99.0.4/24 120)

@@ -6,7 +6,7 @@
  * one read-only into the container as a file. Reload, enable and start go through systemd's
  * D-Bus API (org.freedesktop.systemd1.Manager).
  */
-import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import dbus from "dbus-next";
 import type { AgentService, CreateAgentServiceRequest } from "../../../gen/piccolo/tasks/v1/tasks.js";
@@ -224,6 +224,10 @@ export async function createAgentService(
   await mkdir(deps.unitDir, { recursive: true, mode: 0o755 });
   const tmp = join(deps.unitDir, `.${unit}.${process.pid}.tmp`);
   await writeFile(tmp, text, { mode: 0o644 });
+  // The mode must not depend on piccolod's umask (UMask=0077 in piccolod.service): a unit file
+  // only root can read makes systemd warn that it is "marked world-inaccessible" on every
+  // reload, and `systemctl cat` fails for everyone else.
+  await chmod(tmp, 0o644);
   await rename(tmp, path);
   if (!req.writeOnly) {
     try {
