@@ -115,3 +115,21 @@ test("secrets seal from stdin and from a file, ls, rm; the value is never printe
   expect(reserved.code).not.toBe(0);
   expect(reserved.stderr).toMatch(/daemon's own/);
 });
+
+test("trust and secrets over TCP: TLS pinned by --tls-fingerprint and a token, on gRPC and on REST", async () => {
+  const token = await d.token("admin");
+  for (const endpoint of [d.endpoints.grpc, d.endpoints.rest]) {
+    const tls = ["--endpoint", endpoint, "--token", token, "--tls-fingerprint", d.endpoints.tlsFingerprint];
+    const s = await cli([...tls, "trust", "status"]);
+    expect({ endpoint, code: s.code, stderr: s.stderr }).toEqual({ endpoint, code: 0, stderr: "" });
+    expect(s.stdout).toMatch(/manufacturer:\s+IBM/);
+    const name = `tcp_${endpoint.startsWith("http") ? "rest" : "grpc"}`;
+    const seal = await cli([...tls, "secrets", "seal", name], "over tcp\n");
+    expect({ endpoint, code: seal.code, stderr: seal.stderr }).toEqual({ endpoint, code: 0, stderr: "" });
+    expect((await cli([...tls, "secrets", "ls"])).stdout).toContain(name);
+    // Pinned to another certificate: refused before anything is sent.
+    const wrong = await cli(["--endpoint", endpoint, "--token", token, "--tls-fingerprint", "AA".repeat(32), "trust", "status"]);
+    expect(wrong.code).not.toBe(0);
+    expect(wrong.stderr).toMatch(/not the daemon you pinned/);
+  }
+}, 120_000);

@@ -45,6 +45,7 @@ import { InstallerServiceService } from "../../../gen/piccolo/installer/v1/insta
 import { NetworkServiceService } from "../../../gen/piccolo/network/v1/network.js";
 import { StorageServiceService } from "../../../gen/piccolo/storage/v1/storage.js";
 import { TaskServiceService } from "../../../gen/piccolo/tasks/v1/tasks.js";
+import { TrustServiceService } from "../../../gen/piccolo/trust/v1/trust.js";
 import { UpdateServiceService } from "../../../gen/piccolo/update/v1/update.js";
 import { createGrpcClients, grpcTarget, type PiccoloGrpcClients } from "../grpc-client.js";
 import { createRestClients, type PiccoloRestClients } from "../rest-clients.js";
@@ -213,6 +214,8 @@ export interface PiccoloApi {
   readonly backup: CliService<typeof BackupServiceService>;
   /** InstallerService. */
   readonly installer: CliService<typeof InstallerServiceService>;
+  /** TrustService. */
+  readonly trust: CliService<typeof TrustServiceService>;
   /** Releases the connection. */
   close(): void;
 }
@@ -349,6 +352,7 @@ const AREAS = {
   network: NetworkServiceService,
   backup: BackupServiceService,
   installer: InstallerServiceService,
+  trust: TrustServiceService,
 } as const;
 type AreaKey = keyof typeof AREAS;
 type Method = (request: unknown, options: unknown) => unknown;

@@ -17,37 +17,10 @@ import {
   Secret,
   type PcrSelection,
 } from "../../../gen/piccolo/trust/v1/trust.js";
-import { createGrpcClients } from "../grpc-client.js";
-import { createRestClients } from "../rest-clients.js";
-import { isRestEndpoint } from "./api.js";
 import type { CommandContext } from "./context.js";
 import { UsageError } from "./errors.js";
 import { followOperation, followOptionsFrom } from "./follow-operation.js";
 import { formatTime, jsonDocument, table } from "./format.js";
-
-/** The TrustService calls piccoloctl makes, over either transport. */
-interface TrustApi {
-  readonly client: ReturnType<typeof createGrpcClients>["trust"] | ReturnType<typeof createRestClients>["trust"];
-  close(): void;
-}
-
-function trustApi(c: CommandContext): TrustApi {
-  const { endpoint, token, timeout } = c.global;
-  if (isRestEndpoint(endpoint)) {
-    return { client: createRestClients({ baseUrl: endpoint, token }).trust, close: () => undefined };
-  }
-  const g = createGrpcClients({ endpoint, token, timeoutMs: timeout ?? 30_000 });
-  return { client: g.trust, close: () => g.close() };
-}
-
-async function withTrust<T>(c: CommandContext, work: (t: TrustApi["client"]) => Promise<T>): Promise<T> {
-  const api = trustApi(c);
-  try {
-    return await work(api.client);
-  } finally {
-    api.close();
-  }
-}
 
 /** A registration state without its prefix, lower case: "active", "offline_grace" … */
 export function registrationStateName(s: RegistrationState): string {
@@ -94,7 +67,7 @@ function registrationRows(r: Registration | undefined): string[][] {
 
 /** `trust status`: GetTpmStatus. Exit 1 when there is no TPM. */
 export async function trustStatusCommand(c: CommandContext): Promise<number> {
-  const s = await withTrust(c, (t) => t.getTpmStatus({}));
+  const s = await c.api.trust.getTpmStatus({});
   if (c.global.output === "json") c.stdout.write(jsonDocument("piccolo.trust.v1.GetTpmStatusResponse", GetTpmStatusResponse, s));
   else if (!s.present) c.stdout.write(`no TPM: ${s.detail}\n`);
   else {
@@ -115,7 +88,7 @@ export async function trustStatusCommand(c: CommandContext): Promise<number> {
 
 /** `trust identity`: GetDeviceIdentity. */
 export async function trustIdentityCommand(c: CommandContext, opts: { readonly pem?: boolean }): Promise<number> {
-  const id = await withTrust(c, (t) => t.getDeviceIdentity({}));
+  const id = await c.api.trust.getDeviceIdentity({});
   if (c.global.output === "json") {
     c.stdout.write(jsonDocument("piccolo.trust.v1.DeviceIdentity", DeviceIdentity, id));
     return 0;
@@ -136,7 +109,7 @@ export async function trustIdentityCommand(c: CommandContext, opts: { readonly p
 export async function trustAttestCommand(c: CommandContext, opts: { readonly nonce: string; readonly pcrs?: string; readonly outDir: string }): Promise<number> {
   const nonce = parseNonce(opts.nonce);
   const pcrSelection = opts.pcrs ? parsePcrs(opts.pcrs) : [];
-  const q = await withTrust(c, (t) => t.attest({ nonce, pcrSelection }));
+  const q = await c.api.trust.attest({ nonce, pcrSelection });
   const dir = resolve(opts.outDir);
   await mkdir(dir, { recursive: true });
   await writeFile(join(dir, "ak.pem"), q.akPublicKeyPem);
@@ -157,22 +130,19 @@ export async function trustAttestCommand(c: CommandContext, opts: { readonly non
 
 /** `trust register`: RegisterDevice, followed to its end (or --detach). */
 export function trustRegisterCommand(c: CommandContext, opts: { readonly detach?: boolean }): Promise<number> {
-  const api = trustApi(c);
-  return followOperation({ ...followOptionsFrom(c), first: (s) => api.client.registerDevice({}, { signal: s }), detach: opts.detach }).finally(() =>
-    api.close(),
-  );
+  return followOperation({ ...followOptionsFrom(c), first: (s) => c.api.trust.registerDevice({}, s), detach: opts.detach });
 }
 
 /** `trust refresh`: RefreshDeviceToken. */
 export async function trustRefreshCommand(c: CommandContext): Promise<number> {
-  const r = await withTrust(c, (t) => t.refreshDeviceToken({}));
+  const r = await c.api.trust.refreshDeviceToken({});
   c.stdout.write(c.global.output === "json" ? jsonDocument("piccolo.trust.v1.Registration", Registration, r) : formatRegistration(r));
   return 0;
 }
 
 /** `secrets ls`. */
 export async function secretsListCommand(c: CommandContext): Promise<number> {
-  const l = await withTrust(c, (t) => t.listSecrets({}));
+  const l = await c.api.trust.listSecrets({});
   if (c.global.output === "json") {
     c.stdout.write(jsonDocument("piccolo.trust.v1.ListSecretsResponse", ListSecretsResponse, l));
     return 0;
@@ -203,7 +173,7 @@ async function readStdin(): Promise<Buffer> {
 /** `secrets seal NAME [--from-file PATH]`: the value from the file or standard input. */
 export async function secretsSealCommand(c: CommandContext, name: string, opts: { readonly fromFile?: string }): Promise<number> {
   const value = opts.fromFile ? await readFile(opts.fromFile) : await readStdin();
-  const s = await withTrust(c, (t) => t.sealSecret({ name, value }));
+  const s = await c.api.trust.sealSecret({ name, value });
   if (c.global.output === "json") c.stdout.write(jsonDocument("piccolo.trust.v1.Secret", Secret, s));
   else c.stdout.write(`sealed ${s.name} with ${sealKeyName(s.sealedWith)}: ${s.path}\nload it in a unit with LoadCredentialEncrypted=${s.credentialName}:${s.path}\n`);
   return 0;
@@ -211,7 +181,7 @@ export async function secretsSealCommand(c: CommandContext, name: string, opts: 
 
 /** `secrets rm NAME`. */
 export async function secretsRemoveCommand(c: CommandContext, name: string): Promise<number> {
-  await withTrust(c, (t) => t.deleteSecret({ name }));
+  await c.api.trust.deleteSecret({ name });
   if (c.global.output !== "json") c.stdout.write(`deleted ${name}\n`);
   else c.stdout.write("{}\n");
   return 0;
