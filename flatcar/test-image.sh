@@ -29,10 +29,6 @@ Prints one line per check and a closing "N passed, N failed"; exits non-zero if 
 USAGE
 }
 
-# One VM run at a time on this machine (the stand-in cache and the CPU are shared).
-exec 9>"${TMPDIR:-/tmp}/piccolo-vm.lock"
-flock 9
-
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 image=""
@@ -53,6 +49,11 @@ if [ -n "$image" ] && [ ! -f "$image" ]; then
   echo "test-image.sh: --image $image: no such file" >&2
   exit 2
 fi
+
+# One VM run at a time on this machine (the stand-in cache and the CPU are shared), taken after
+# the arguments are read, so --help and a bad argument answer at once while another run holds it.
+exec 9>"${TMPDIR:-/tmp}/piccolo-vm.lock"
+flock 9
 
 cd "$root"
 # shellcheck source=scripts/lib.sh
