@@ -97,6 +97,26 @@ install -D -m 0644 "$here/piccolod.tmpfiles.conf" "$tree/usr/lib/tmpfiles.d/picc
 install -D -m 0644 README.md "$tree/usr/share/doc/piccolod/README.md"
 install -D -m 0644 docs/keys.md "$tree/usr/share/doc/piccolod/keys.md"
 install -D -m 0644 "$here/update.conf" "$tree/usr/share/piccolod/update.conf"
+echo "==> the signing key"
+# The build's signing key: its public half ships in the sysext as the default signingKeyFiles
+# (/usr/share/piccolod/signing-keys.asc), which the updater and the installer check payloads and
+# install images against, and it signs the outputs below.
+gnupghome=""
+key=$GPG_SIGNING_KEY_ID
+if [ -z "$key" ]; then
+  gnupghome=$(mktemp -d)
+  export GNUPGHOME=$gnupghome
+  gpg --batch --quiet --passphrase '' --quick-gen-key "Piccolo development build <dev@piccolo.invalid>" ed25519 sign 1d 2>/dev/null
+  key=$(gpg --batch --list-keys --with-colons | awk -F: '/^fpr/ {print $10; exit}')
+  echo "    (no GPG_SIGNING_KEY_ID: signed with a throwaway key $key — development build only)"
+fi
+gpg --batch --armor --export "$key" >"$work/signing-key.asc"
+if ! grep -q "BEGIN PGP PUBLIC KEY BLOCK" "$work/signing-key.asc"; then
+  echo "build.sh: GPG_SIGNING_KEY_ID $key: gpg has no such key to export" >&2
+  exit 1
+fi
+install -D -m 0644 "$work/signing-key.asc" "$tree/usr/share/piccolod/signing-keys.asc"
+
 release="$tree/usr/lib/extension-release.d/extension-release.piccolod"
 mkdir -p "$(dirname "$release")"
 if [ "$SYSEXT_OS_ID" = flatcar ]; then
@@ -146,16 +166,6 @@ JSON
 ignition-validate "$work/piccolod.ign"
 
 echo "==> checksums and signatures"
-gnupghome=""
-key=$GPG_SIGNING_KEY_ID
-if [ -z "$key" ]; then
-  gnupghome=$(mktemp -d)
-  export GNUPGHOME=$gnupghome
-  gpg --batch --quiet --passphrase '' --quick-gen-key "Piccolo development build <dev@piccolo.invalid>" ed25519 sign 1d 2>/dev/null
-  key=$(gpg --batch --list-keys --with-colons | awk -F: '/^fpr/ {print $10; exit}')
-  echo "    (no GPG_SIGNING_KEY_ID: signed with a throwaway key $key — development build only)"
-  gpg --batch --armor --export "$key" >"$work/signing-key.asc"
-fi
 (cd "$work" && sha256sum piccolod "$raw" piccolod.ign >SHA256SUMS)
 for f in "$raw" SHA256SUMS; do
   gpg --batch --yes --quiet --local-user "$key" --armor --detach-sign --output "$work/$f.asc" "$work/$f"

@@ -41,6 +41,7 @@ test("the sysext holds exactly the expected tree, under 80 MB", () => {
       "/usr/lib/tmpfiles.d/piccolod.conf",
       "/usr/share/doc/piccolod/README.md",
       "/usr/share/doc/piccolod/keys.md",
+      "/usr/share/piccolod/signing-keys.asc",
       "/usr/share/piccolod/update.conf",
     ].sort(),
   );
@@ -108,6 +109,20 @@ test("checksums and detached signatures verify with the signing key", () => {
   writeFileSync(copy, bytes);
   expect(spawnSync("gpg", ["--batch", "--verify", join(out, "piccolod-9.8.7.raw.asc"), copy], { env }).status).not.toBe(0);
   rmSync(gnupg, { recursive: true, force: true });
+});
+
+test("the sysext ships the public key that signed the build, where signingKeyFiles points by default", () => {
+  const shipped = readFileSync(join(extracted, "usr/share/piccolod/signing-keys.asc"), "utf8");
+  expect(shipped).toContain("-----BEGIN PGP PUBLIC KEY BLOCK-----");
+  expect(shipped).not.toContain("PRIVATE KEY");
+  expect(shipped).toBe(readFileSync(join(out, "signing-key.asc"), "utf8"));
+  // gpgv with only the shipped key accepts the build's signatures.
+  const home = mkdtempSync(join(tmpdir(), "piccolo-gpgv-"));
+  const keyring = join(home, "shipped.gpg");
+  execFileSync("gpg", ["--homedir", home, "--batch", "--dearmor", "--output", keyring, join(extracted, "usr/share/piccolod/signing-keys.asc")]);
+  const r = spawnSync("gpgv", ["--homedir", home, "--keyring", keyring, join(out, "SHA256SUMS.asc"), join(out, "SHA256SUMS")], { encoding: "utf8" });
+  expect({ status: r.status, stderr: r.stderr }).toMatchObject({ status: 0, stderr: expect.stringContaining("Good signature") });
+  rmSync(home, { recursive: true, force: true });
 });
 
 test("the Ignition config installs the sysext, enables the service and turns public updates off", () => {

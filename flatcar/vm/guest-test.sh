@@ -63,6 +63,13 @@ check api_refuses_without_token sh -c "test \"\$(curl -s -o /dev/null -w '%{http
 check auth_keys_sealed_to_tpm sh -c 'grep -q "\"sealedWith\":\"tpm2\"" /var/lib/piccolod/secrets.meta/auth-keys.json && piccoloctl auth whoami | grep "^keys"'
 check tpm_seen sh -c 'curl -fsS --max-time 60 --cacert '"$cert"' https://127.0.0.1:8080/api/v1/health | grep -o "\"name\":\"tpm_device\",\"status\":\"CHECK_STATUS_PASS\""'
 
+# The build's public signing key ships in the sysext and is what updates and installs are checked against.
+signing_key_loaded() {
+  test -s /usr/share/piccolod/signing-keys.asc &&
+    journalctl -b -u piccolod.service -o cat | grep 'Piccolo signing keys loaded' | tail -1 | grep -o '"keys":\["[0-9A-Fa-f]\{40,64\}"\]'
+}
+check signing_key_loaded signing_key_loaded
+
 # 2. kill -9: systemd restarts it within 5 s (a new main process), and the API answers again
 #    (how long that takes under emulation is reported, not bounded: Node starts 10-50x slower here).
 old=$(main_pid)
