@@ -180,6 +180,42 @@ test("a download that breaks on every attempt fails with the target unchanged; t
   expectImageOn(target);
 }, 180_000);
 
+test("CancelInstall during the download: CANCELLED with the target untouched; the partial download is kept and the next install resumes it", async () => {
+  const target = sparseTarget(join(targets, "cancel.img"), 128 * MiB, true);
+  const hash = sha256Of(target);
+  const spec = { target, version: "1.2.3" };
+  const plan = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
+  // A slow link: the whole image would take about 8 s.
+  server.faults.bytesPerSecond = Math.max(32 * 1024, Math.floor(r123.size / 8));
+  const events: OperationEvent[] = [];
+  let cancelledAt = -1;
+  for await (const ev of api.installer.install(InstallRequest.fromPartial({ spec, confirmationToken: plan.confirmationToken }))) {
+    events.push(ev);
+    const p = ev.progress;
+    if (cancelledAt < 0 && p?.phase === "verify" && /download/.test(p.message) && p.bytesDone > 0 && p.bytesDone < r123.size) {
+      cancelledAt = p.bytesDone;
+      await api.installer.cancelInstall({ operationId: "" });
+    }
+  }
+  expect(cancelledAt).toBeGreaterThan(0);
+  expect(outcome(events).state).toBe(OperationState.OPERATION_STATE_CANCELLED);
+  expect(events.some((e) => e.progress?.phase === "write")).toBe(false);
+  expect(sha256Of(target)).toBe(hash);
+  const [part] = (await readdir(downloads())).filter((f) => f.endsWith(".part"));
+  const kept = statSync(join(downloads(), part!)).size;
+  expect(kept).toBeGreaterThanOrEqual(cancelledAt);
+  expect(kept).toBeLessThan(r123.size);
+
+  clearFaults();
+  const next = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
+  expect(next.download?.cachedBytes).toBe(kept);
+  const before = imageRequests().length;
+  const ok = await collect(api.installer.install(InstallRequest.fromPartial({ spec, confirmationToken: next.confirmationToken })));
+  expect(outcome(ok).state).toBe(OperationState.OPERATION_STATE_SUCCEEDED);
+  expect(imageRequests().slice(before).map((q) => q.range)).toContain(`bytes=${kept}-`);
+  expectImageOn(target);
+}, 120_000);
+
 test("a signature by an unknown key, and an image with one flipped byte, are refused with the target unchanged", async () => {
   const target = sparseTarget(join(targets, "refused.img"), 128 * MiB, true);
   const hash = sha256Of(target);

@@ -87,6 +87,20 @@ test("faults: status codes, a flipped byte, a cut that a Range request resumes",
   expect(Buffer.from(await rest.arrayBuffer()).length).toBe(r1.size - 5000);
 });
 
+test("faults: a slow link serves at about the rate asked for, whole and intact", async () => {
+  // At 400 kB/s the payload takes size / 400,000 seconds at least (timers only ever run late).
+  server.faults.bytesPerSecond = 400_000;
+  const t0 = performance.now();
+  const body = Buffer.from(await (await fetch(`${server.url}/api/v1/images/download/1.1.0?type=update`)).arrayBuffer());
+  const seconds = (performance.now() - t0) / 1000;
+  delete server.faults.bytesPerSecond;
+  expect(createHash("sha256").update(body).digest("hex")).toBe(r1.sha256);
+  expect(seconds).toBeGreaterThan((r1.size / 400_000) * 0.7);
+  const t1 = performance.now();
+  await (await fetch(`${server.url}/api/v1/images/download/1.1.0?type=update`)).arrayBuffer();
+  expect((performance.now() - t1) / 1000).toBeLessThan(seconds);
+});
+
 test("a release with an install image: the manifest carries install_image; the image downloads whole and by Range with its signature; a re-published release replaces the old", async () => {
   const img = join(dir, "piccolo-os-1.3.0.img.gz");
   await writeFile(img, Buffer.alloc(200_000, 3));

@@ -128,6 +128,8 @@ export interface Faults {
   truncateAt?: number;
   /** Serve this signature instead of the release's. */
   signature?: string;
+  /** Serve files at about this many bytes per second (a slow link). */
+  bytesPerSecond?: number;
 }
 
 /** A running reference update server. */
@@ -238,7 +240,9 @@ export async function startUpdateServer(releases: Release[] = []): Promise<Updat
             return;
           }
           pos += buf.length;
-          if (!res.write(buf)) await new Promise((w) => res.once("drain", w));
+          if (res.destroyed) return; // the client went away
+          if (!res.write(buf)) await new Promise((w) => res.once("drain", w).once("close", w));
+          if (faults.bytesPerSecond) await new Promise((w) => setTimeout(w, (buf.length / faults.bytesPerSecond!) * 1000));
         }
         res.end();
         return;
