@@ -48,7 +48,7 @@ if [ "${PICCOLO_DEMO_UPDATE:-1}" = 1 ] && command -v dbus-daemon >/dev/null && c
   rm -f "$demo/update-rig.json" "$demo/update-server.json"
   node dist/test/sim/update-engine-harness.js --dir "$demo/update-rig" --usr-mib 64 >"$demo/update-rig.json" 2>>"$demo/update.log" &
   update_pids+=($!)
-  node dist/test/sim/update-server.js --dir "$demo/update-server" --mib 48 >"$demo/update-server.json" 2>>"$demo/update.log" &
+  node dist/test/sim/update-server.js --dir "$demo/update-server" --mib 48 --install-image-mib 64 >"$demo/update-server.json" 2>>"$demo/update.log" &
   update_pids+=($!)
   for _ in $(seq 1 600); do [ -s "$demo/update-rig.json" ] && [ -s "$demo/update-server.json" ] && break; sleep 0.1; done
   # shellcheck disable=SC2016 # JavaScript, not shell
@@ -57,7 +57,15 @@ if [ "${PICCOLO_DEMO_UPDATE:-1}" = 1 ] && command -v dbus-daemon >/dev/null && c
     const rig = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
     const srv = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
     for (const a of [...rig.daemonArgs, "--update-server", srv.url, "--signing-key-files", srv.keyFile]) console.log(a);
-  ' "$demo/update-rig.json" "$demo/update-server.json" 2>>"$demo/update.log" || true)
+    // The release carries an install image too: installs go to sparse image files in targets/.
+    if (srv.installImage) for (const a of ["--installer-file-target-dirs", process.argv[3]]) console.log(a);
+  ' "$demo/update-rig.json" "$demo/update-server.json" "$demo/targets" 2>>"$demo/update.log" || true)
+  if printf '%s\n' "${update_args[@]}" | grep -qx -- --installer-file-target-dirs; then
+    mkdir -p "$demo/targets"
+    # A sparse 16 GiB "disk" (the installer wants 8 GiB at least); it takes only what is written.
+    rm -f "$demo/targets/disk.img"
+    truncate -s 16G "$demo/targets/disk.img"
+  fi
 fi
 
 node dist/src/server/main.js \
@@ -114,6 +122,9 @@ $( [ ${#update_args[@]} -gt 0 ] && printf '%s\n' \
   "  piccoloctl update status          # A/B slots and their GPT flags (a disk image in $demo/update-rig)" \
   "  piccoloctl update apply           # download, verify and install 1.1.0 through the update_engine simulator" \
   "  piccoloctl update rollback        # make the other slot the next boot again" || echo "  (OS updates off: needs dbus, cgpt, gdisk and gnupg; see $demo/update.log)")
+$( [ -f "$demo/targets/disk.img" ] && printf '%s\n' \
+  "  piccoloctl install plan $demo/targets/disk.img --version 1.1.0   # what an install of 1.1.0 would erase and write" \
+  "  piccoloctl install run $demo/targets/disk.img --version 1.1.0    # download, verify and install it onto that sparse 16 GiB file")
 
 The TCP listeners want a token. Mint one on the unix socket (or set a password with
 \`piccoloctl auth passwd\` and use \`piccoloctl auth login\`), and pin the certificate:

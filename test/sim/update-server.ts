@@ -278,14 +278,30 @@ async function main(): Promise<void> {
     return i >= 0 && argv[i + 1] !== undefined ? argv[i + 1]! : dflt;
   };
   const dir = flag("--dir", "");
-  if (!dir) throw new Error("usage: update-server.js --dir DIR [--version V] [--mib N]");
+  if (!dir) throw new Error("usage: update-server.js --dir DIR [--version V] [--mib N] [--install-image-mib N]");
   await mkdir(dir, { recursive: true });
   const key = await makeSigningKey("Piccolo Demo Signing");
-  const release = await makeRelease(join(dir, "releases"), key, flag("--version", "1.1.0"), Number(flag("--mib", "64")) * 1024 * 1024);
+  const update = await makeRelease(join(dir, "releases"), key, flag("--version", "1.1.0"), Number(flag("--mib", "64")) * 1024 * 1024);
+  // An install image as well (a Flatcar-shaped GPT disk image, gzip-compressed and signed), for
+  // `piccoloctl install … --version`; made with sgdisk like the installer tests' fixture.
+  const installMib = Number(flag("--install-image-mib", "0"));
+  let installImage: InstallImageFile | undefined;
+  if (installMib > 0) {
+    const { buildFlatcarImage, compress } = await import("../helpers/flatcar-image.js");
+    const raw = join(dir, "releases", `piccolo-os-${update.version}.img`);
+    buildFlatcarImage(raw, installMib);
+    const gz = compress(raw, "gzip");
+    await rm(raw);
+    await key.sign(gz, `${gz}.asc`);
+    installImage = await installImageFile(gz, `${gz}.asc`);
+  }
+  const release: Release = installImage ? { ...update, installImage } : update;
   const server = await startUpdateServer([release]);
   const keyFile = join(dir, "signing-key.asc");
   await writeFile(keyFile, key.publicKey);
-  process.stdout.write(JSON.stringify({ url: server.url, keyFile, version: release.version, payload: release.payload, signature: release.signature }) + "\n");
+  process.stdout.write(
+    JSON.stringify({ url: server.url, keyFile, version: release.version, payload: release.payload, signature: release.signature, installImage: release.installImage?.file ?? "" }) + "\n",
+  );
   const stop = (): void => {
     void Promise.all([server.close(), key.cleanup()]).then(() => process.exit(0));
   };
