@@ -35,6 +35,10 @@ echo "==> backup (bench/backup.ts; a private dockerd and swtpm, restic)"
 ensure_debian_packages "dockerd:docker.io" "busybox:busybox-static" "restic:restic" "swtpm:swtpm" "tpm2_flushcontext:tpm2-tools"
 node dist/bench/backup.js
 echo
+echo "==> installer (bench/install.ts; 1 and 4 GiB images onto a file target against dd + sha256sum)"
+ensure_debian_packages "sgdisk:gdisk" "gpg:gnupg" "gpgv:gpgv"
+node dist/bench/install.js
+echo
 echo "==> single executable (bench/sea.ts; flatcar/build.sh)"
 [ -x flatcar/out/piccolod ] || bash flatcar/build.sh >&2
 node dist/bench/sea.js
