@@ -37,6 +37,11 @@ const ROOT = resolve(HERE, "../..");
 const DAEMON_JS = join(ROOT, "dist/src/server/main.js");
 const MiB = 1024 * 1024;
 
+if (process.argv.includes("--help") || process.argv.includes("-h")) {
+  process.stdout.write("usage: node dist/bench/update.js [--mib 512] [--runs 3] [--no-rauc]   (root; dbus, cgpt, gdisk, gnupg, curl, rauc)\n");
+  process.exit(0);
+}
+
 function option(flag: string, env: string, dflt: number): number {
   const i = process.argv.indexOf(`--${flag}`);
   const raw = i >= 0 ? process.argv[i + 1] : process.env[env];
