@@ -17,8 +17,10 @@
  * in even ones, with the source read into the page cache before each run; the figures are
  * medians, and every run's time is printed too.
  *
+ * Every timed run starts after the same pause (--settle-s, 5 s; see settle()).
+ *
  * Options (flags or env): --sizes-mib 1024,4096 (BENCH_INSTALL_SIZES_MIB), --rounds 3
- * (BENCH_INSTALL_ROUNDS).
+ * (BENCH_INSTALL_ROUNDS), --settle-s 5.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createHash, randomFillSync } from "node:crypto";
@@ -42,13 +44,15 @@ function parseArgs(argv: readonly string[]): { sizes: number[]; rounds: number }
   let rounds = Number(process.env["BENCH_INSTALL_ROUNDS"] ?? 3);
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--help" || argv[i] === "-h") {
-      process.stdout.write("usage: node dist/bench/install.js [--sizes-mib 1024,4096] [--rounds 3]\n");
+      process.stdout.write("usage: node dist/bench/install.js [--sizes-mib 1024,4096] [--rounds 3] [--settle-s 5]\n");
       process.exit(0);
     }
     if (argv[i] === "--sizes-mib") v = argv[++i] ?? "";
     if (argv[i] === "--rounds") rounds = Number(argv[++i]);
+    if (argv[i] === "--settle-s") settleSeconds = Number(argv[++i]);
   }
   if (!Number.isInteger(rounds) || rounds < 1) throw new Error(`--rounds: a whole number ≥ 1, got ${rounds}`);
+  if (!(settleSeconds >= 0)) throw new Error(`--settle-s: seconds ≥ 0, got ${settleSeconds}`);
   const sizes = v.split(",").map(Number);
   if (sizes.some((n) => !Number.isInteger(n) || n < 64)) throw new Error(`--sizes-mib: whole numbers ≥ 64, got ${v}`);
   return { sizes, rounds };
@@ -65,6 +69,19 @@ const median = (xs: readonly number[]): number => {
   const m = Math.floor(s.length / 2);
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 };
+
+let settleSeconds = 5;
+/**
+ * Waits before a timed run. On a VM with free page reporting (virtio-balloon; this project's
+ * machines have it) memory freed by deleting the previous run's output goes back to the host
+ * within seconds, and writing it again faults it back in page by page: dd started right after a
+ * delete reused warm pages and ran 3x faster (0.5 s against 1.6 s per GiB) than after a pause,
+ * while the install's write phase always comes seconds after its start (the verify phase). So
+ * every timed run starts after the same pause.
+ */
+function settle(): void {
+  if (settleSeconds > 0) spawnSync("sleep", [String(settleSeconds)]);
+}
 
 /** Reads a file once so that both sides start with the source in the page cache. */
 function warm(path: string): void {
@@ -165,6 +182,7 @@ async function main(): Promise<void> {
       const runDd = (): void => {
         const ddTarget = join(targets, "dd.img");
         warm(src);
+        settle();
         runs.dd.push(timed("dd", [`if=${src}`, `of=${ddTarget}`, "bs=4M", "conv=fsync", "status=none"]));
         runs.sum.push(timed("sha256sum", [ddTarget]));
         rmSync(ddTarget);
@@ -174,6 +192,7 @@ async function main(): Promise<void> {
         const target = sparseTarget(join(targets, "install.img"), bytes + 64 * MiB);
         const spec = { target, imagePath: src };
         warm(src);
+        settle();
         const t0 = performance.now();
         const plan = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
         const events: { ev: OperationEvent; t: number }[] = [];

@@ -1,7 +1,8 @@
 /**
- * The write path: streams the decompressed image onto the target in large aligned writes with a
- * few in flight, hashing each block while the kernel writes the previous ones, and holds back the
- * first MiB (protective MBR and primary GPT) so it can be written last. Then the read-back pass.
+ * The write path: streams the decompressed image onto the target in large aligned writes, one at a
+ * time and in order, while the next block is read and the previous ones are hashed, and holds
+ * back the first MiB (protective MBR and primary GPT) so it can be written last. Then the
+ * read-back pass.
  */
 import type { FileHandle } from "node:fs/promises";
 import { Readable } from "node:stream";
@@ -125,6 +126,10 @@ export async function writeImage(o: WriteOptions): Promise<WriteResult> {
   let fill = 0;
   let base = 0; // image offset of `block`
   let written = 0;
+  // Writes go one after another: concurrent writes to one file only queue on its inode lock (and
+  // spin there, taking CPU from the reads and the hash); measured, 4 MiB blocks written one at a
+  // time ran 1.77 s per GiB against 2.12 s with three in flight (dd: 1.6-1.7 s).
+  let lastWrite: Promise<void> = Promise.resolve();
 
   const dispatch = async (len: number): Promise<void> => {
     const at = base;
@@ -141,7 +146,7 @@ export async function writeImage(o: WriteOptions): Promise<WriteResult> {
       pos = at + n;
     }
     const mine = sab;
-    const w = data.length > 0 ? writeFully(o.target, data, pos) : Promise.resolve();
+    const w = data.length > 0 ? (lastWrite = lastWrite.then(() => writeFully(o.target, data, pos))) : Promise.resolve();
     const both = Promise.all([w, hasher.update(mine, len)]).then(() => mine);
     both.catch(() => undefined);
     busy.push(both);
