@@ -7,8 +7,7 @@
  * gets the image's (grown) partition table only in the last step, so any target that did not get
  * there has no valid primary GPT, and the old backup GPT at the end is zeroed too.
  */
-import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
-import { createReadStream } from "node:fs";
+import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { mkdir, mkdtemp, open, readFile, readdir, realpath, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, isAbsolute, join, relative } from "node:path";
@@ -41,7 +40,7 @@ import { fingerprint, growLastPartition, HEAD_BYTES, parseGpt, partitionNamed, S
 import { checkIgnition, encryptedGrubCfg, encryptedIgnition, generateIgnition } from "./ignition.js";
 import { detectCompression, openImage, readImageHead, type Compression } from "./image.js";
 import { makeTpm2Luks, newRecoveryKey } from "./luks.js";
-import { readBack, writeImage, zeroRange, type WriteResult } from "./writer.js";
+import { hashFile, readBack, writeImage, zeroRange, type WriteResult } from "./writer.js";
 
 /** Operation kind of Install. */
 export const INSTALL_KIND = "installer.install";
@@ -729,16 +728,9 @@ export function createInstaller(deps: InstallerDeps): Installer {
       }
       report("verify", checkFrom, `checking the SHA-256 and signature of ${basename(p.imagePath)}`, 0, 0);
       const fileBytes = (await stat(p.imagePath)).size;
-      const hashing = (async () => {
-        const h = createHash("sha256");
-        let n = 0;
-        for await (const c of createReadStream(p.imagePath, { highWaterMark: 4 << 20, signal })) {
-          h.update(c as Buffer);
-          n += (c as Buffer).length;
-          report("verify", checkFrom + ((1 - checkFrom) * n) / fileBytes, "checking the image's SHA-256 and signature", n, fileBytes);
-        }
-        return h.digest("hex");
-      })();
+      const hashing = hashFile(p.imagePath, signal, (n) =>
+        report("verify", checkFrom + ((1 - checkFrom) * n) / fileBytes, "checking the image's SHA-256 and signature", n, fileBytes),
+      );
       const [hashed, signed] = await Promise.allSettled([hashing, deps.verifier.verifyFile(p.imagePath, p.signature, "spec.signature", signal)]);
       if (hashed.status === "rejected") throw hashed.reason;
       const digest = hashed.value;

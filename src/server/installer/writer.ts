@@ -4,7 +4,8 @@
  * back the first MiB (protective MBR and primary GPT) so it can be written last. Then the
  * read-back pass.
  */
-import type { FileHandle } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { open, type FileHandle } from "node:fs/promises";
 import { Readable } from "node:stream";
 import { Worker } from "node:worker_threads";
 import { PiccoloError } from "../errors.js";
@@ -193,6 +194,33 @@ export async function writeImage(o: WriteOptions): Promise<WriteResult> {
     throw e;
   } finally {
     await hasher.close();
+  }
+}
+
+/**
+ * SHA-256 of a file, hex: read in blocks into two buffers used in turn (the next block is read
+ * while this one is hashed), so hashing gigabytes allocates nothing per block.
+ */
+export async function hashFile(path: string, signal: AbortSignal, onProgress: (bytesDone: number) => void): Promise<string> {
+  const fh = await open(path, "r");
+  try {
+    const h = createHash("sha256");
+    const bufs = [Buffer.allocUnsafe(BLOCK_BYTES), Buffer.allocUnsafe(BLOCK_BYTES)];
+    let pos = 0;
+    let reading = fh.read(bufs[0]!, 0, BLOCK_BYTES, 0);
+    for (let i = 0; ; i++) {
+      const { bytesRead } = await reading;
+      if (bytesRead === 0) break;
+      signal.throwIfAborted();
+      const buf = bufs[i % 2]!;
+      pos += bytesRead;
+      reading = fh.read(bufs[(i + 1) % 2]!, 0, BLOCK_BYTES, pos);
+      h.update(buf.subarray(0, bytesRead));
+      onProgress(pos);
+    }
+    return h.digest("hex");
+  } finally {
+    await fh.close();
   }
 }
 
