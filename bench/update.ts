@@ -16,9 +16,10 @@
  * The runs are interleaved so other load on the machine hits every side alike. A MISS is printed,
  * never an exit status. Everything started is stopped and the temporary folder removed.
  *
- * Options (flags or env): --mib (BENCH_UPDATE_MIB, 512), --runs (BENCH_UPDATE_RUNS, 3), --no-rauc.
+ * Options (flags or env): --mib (BENCH_UPDATE_MIB, 512), --runs (BENCH_UPDATE_RUNS, 3), --settle-s
+ * (the pause before each timed side, 5), --no-rauc.
  */
-import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { execFile, spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -38,8 +39,13 @@ const DAEMON_JS = join(ROOT, "dist/src/server/main.js");
 const MiB = 1024 * 1024;
 
 if (process.argv.includes("--help") || process.argv.includes("-h")) {
-  process.stdout.write("usage: node dist/bench/update.js [--mib 512] [--runs 3] [--no-rauc]   (root; dbus, cgpt, gdisk, gnupg, curl, rauc)\n");
+  process.stdout.write("usage: node dist/bench/update.js [--mib 512] [--runs 3] [--settle-s 5] [--no-rauc]   (root; dbus, cgpt, gdisk, gnupg, curl, rauc)\n");
   process.exit(0);
+}
+
+/** Waits `seconds` (see the run loop for why). */
+function settle(seconds: number): void {
+  if (seconds > 0) spawnSync("sleep", [String(seconds)]);
 }
 
 function option(flag: string, env: string, dflt: number): number {
@@ -81,6 +87,8 @@ async function startDaemon(dir: string, args: string[]): Promise<{ proc: ChildPr
 async function main(): Promise<void> {
   const mib = option("mib", "BENCH_UPDATE_MIB", 512);
   const runs = option("runs", "BENCH_UPDATE_RUNS", 3);
+  const settleSeconds = process.argv.includes("--settle-s") ? Number(process.argv[process.argv.indexOf("--settle-s") + 1]) : 5;
+  if (!(settleSeconds >= 0)) throw new Error("--settle-s: seconds ≥ 0");
   const withRauc = !process.argv.includes("--no-rauc") && process.env["BENCH_UPDATE_RAUC"] !== "0";
   const work = mkdtempSync(join(tmpdir(), "bench-update-"));
   let rig: UpdateRig | undefined;
@@ -141,12 +149,9 @@ async function main(): Promise<void> {
       };
     }
 
-    const piccolod: number[] = [];
-    const baseline: number[] = [];
-    const raucTimes: number[] = [];
-    for (let i = 0; i < runs; i++) {
-      // piccolod's whole path.
-      let t0 = performance.now();
+    // piccolod's whole path.
+    const runPiccolod = async (): Promise<number> => {
+      const t0 = performance.now();
       let ok = false;
       let why = "";
       const phaseStart: [string, number][] = [];
@@ -160,34 +165,55 @@ async function main(): Promise<void> {
       }
       const tp = (performance.now() - t0) / 1000;
       if (!ok) throw new Error(`ApplyUpdate failed: ${why}`);
-      piccolod.push(tp);
       if (process.env["BENCH_UPDATE_PHASES"] === "1") {
         const end = performance.now();
         console.log(`    phases: ${phaseStart.map(([n, t], k) => `${n} ${(((phaseStart[k + 1]?.[1] ?? end) - t) / 1000).toFixed(2)}s`).join(", ")}`);
       }
       for await (const ev of api.update.rollbackUpdate(RollbackUpdateRequest.fromPartial({}))) void ev;
-
-      // The baseline, into the same partition.
+      return tp;
+    };
+    // The baseline, into the same partition.
+    const runBaseline = async (): Promise<number> => {
       const f = join(work, "baseline.raw.gz");
-      t0 = performance.now();
+      const t0 = performance.now();
       await sh(`curl -sf -o ${f} '${url}'`);
       const sum = (await run("sha256sum", [f])).stdout.split(" ")[0];
       if (sum !== release.sha256) throw new Error("baseline: sha256 mismatch");
-      await sh(`gpg --batch --verify ${release.signature} ${f} 2>/dev/null`, { ...process.env, GNUPGHOME: key.home });
-      await sh(`gzip -dc ${f} | dd of=${rig.disk.path} bs=4M seek=${rig.disk.offsetB} oflag=seek_bytes conv=notrunc status=none`);
+      await sh(`gpg --batch --verify ${release.signature} ${f} 2>/dev/null`, { ...process.env, GNUPGHOME: key!.home });
+      await sh(`gzip -dc ${f} | dd of=${rig!.disk.path} bs=4M seek=${rig!.disk.offsetB} oflag=seek_bytes conv=notrunc status=none`);
       const tb = (performance.now() - t0) / 1000;
-      baseline.push(tb);
       rmSync(f, { force: true });
+      return tb;
+    };
+    const runRauc = async (): Promise<number> => {
+      const t0 = performance.now();
+      await raucInstall!();
+      return (performance.now() - t0) / 1000;
+    };
 
-      let tr = 0;
-      if (raucInstall) {
-        t0 = performance.now();
-        await raucInstall();
-        tr = (performance.now() - t0) / 1000;
-        raucTimes.push(tr);
+    const times: Record<"piccolod" | "baseline" | "rauc", number[]> = { piccolod: [], baseline: [], rauc: [] };
+    const sides = [
+      ["piccolod", runPiccolod],
+      ["baseline", runBaseline],
+      ...(raucInstall ? ([["rauc", runRauc]] as const) : []),
+    ] as const;
+    for (let i = 0; i < runs; i++) {
+      // The order rotates from run to run, and every side starts after the same pause: on a VM
+      // with free page reporting, memory the previous side freed goes back to the host within
+      // seconds and is slow to touch again, so whoever ran second after a quick side won.
+      const order = [...sides.slice(i % sides.length), ...sides.slice(0, i % sides.length)];
+      const line: string[] = [];
+      for (const [name, side] of order) {
+        settle(settleSeconds);
+        const t = await side();
+        times[name].push(t);
+        line.push(`${name} ${t.toFixed(2)} s`);
       }
-      console.log(`    run ${i + 1}: piccolod ${tp.toFixed(2)} s, baseline ${tb.toFixed(2)} s${raucInstall ? `, rauc ${tr.toFixed(2)} s` : ""}`);
+      console.log(`    run ${i + 1}: ${line.join(", ")}`);
     }
+    const piccolod = times.piccolod;
+    const baseline = times.baseline;
+    const raucTimes = times.rauc;
     const mibps = (s: number): number => imageBytes / MiB / s;
     const p = mibps(median(piccolod));
     const b = mibps(median(baseline));

@@ -326,7 +326,8 @@ export async function startSimulator(o: SimOptions): Promise<{ close(): void }> 
         },
       });
       try {
-        await pipeline(res, meter, createGunzip(), limit, createWriteStream(o.disk, { flags: "r+", start: slot.offset }));
+        // Large blocks, as update_engine writes (zlib's and the file stream's defaults are 16 KiB).
+        await pipeline(res, meter, createGunzip({ chunkSize: 1 << 20 }), limit, createWriteStream(o.disk, { flags: "r+", start: slot.offset, highWaterMark: 4 << 20 }));
       } catch (e) {
         if (e instanceof EngineError) throw e;
         throw new EngineError(ERROR_CODES.downloadWrite, `writing the payload failed: ${(e as Error).message}`);

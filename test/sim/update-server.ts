@@ -241,7 +241,15 @@ export async function startUpdateServer(releases: Release[] = []): Promise<Updat
           }
           pos += buf.length;
           if (res.destroyed) return; // the client went away
-          if (!res.write(buf)) await new Promise((w) => res.once("drain", w).once("close", w));
+          if (!res.write(buf)) {
+            await new Promise<void>((w) => {
+              const done = (): void => {
+                res.off("drain", done).off("close", done);
+                w();
+              };
+              res.on("drain", done).on("close", done);
+            });
+          }
           if (faults.bytesPerSecond) await new Promise((w) => setTimeout(w, (buf.length / faults.bytesPerSecond!) * 1000));
         }
         res.end();
