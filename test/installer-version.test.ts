@@ -14,6 +14,7 @@ import { InstallRequest, InstallResult, PlanInstallRequest, type InstallSpec } f
 import { OperationState, type OperationEvent } from "../gen/piccolo/operations/v1/operations.js";
 import type { PiccoloGrpcClients } from "../src/clients/grpc-client.js";
 import { CLI_JS, startTestDaemon, type TestDaemon } from "./helpers/daemon.js";
+import { collect, outcome } from "./helpers/events.js";
 import { attachLoop, buildFlatcarImage, compress, detachLoops, makeSigningKey, readPartitions, sha256Of, sparseTarget, type FlatcarImage, type SigningKey } from "./helpers/flatcar-image.js";
 import { installImageFile, startUpdateServer, type Release, type UpdateServer } from "./sim/update-server.js";
 
@@ -36,12 +37,6 @@ async function release(version: string, file: string): Promise<Release> {
   return { version, channel: "stable", payload: file, signature: `${file}.asc`, size: img.size, sha256: img.sha256, notes: `Piccolo OS ${version}`, image: Buffer.alloc(0), installImage: img };
 }
 
-async function collect(it: AsyncIterable<OperationEvent>): Promise<OperationEvent[]> {
-  const out: OperationEvent[] = [];
-  for await (const ev of it) out.push(ev);
-  return out;
-}
-const outcome = (evs: OperationEvent[]): NonNullable<OperationEvent["outcome"]> => evs[evs.length - 1]!.outcome!;
 const resultOf = (evs: OperationEvent[]): InstallResult => InstallResult.decode(outcome(evs).result!.value);
 const downloads = (): string => join(d.stateDir, "installer", "downloads");
 const imageRequests = (): { url: string; range: string }[] => server.requests.filter((q) => q.url.includes("type=install") && !q.url.includes("signature"));
@@ -62,6 +57,17 @@ function expectImageOn(target: string): void {
   const post = (oem.lastLba + 1) * 512;
   expect(sha256Of(target, post, image.bytes - post - 33 * 512)).toBe(sha256Of(image.raw, post, image.bytes - post - 33 * 512));
   expect(readPartitions(target).find((p) => p.name === "ROOT")).toBeDefined();
+}
+
+/** With the faults cleared, the next plan finds `kept` bytes downloaded and the install resumes from there and succeeds. */
+async function expectResumedInstall(spec: { target: string; version: string }, kept: number): Promise<void> {
+  const next = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
+  expect(next.download?.cachedBytes).toBe(kept);
+  const before = imageRequests().length;
+  const ok = await collect(api.installer.install(InstallRequest.fromPartial({ spec, confirmationToken: next.confirmationToken })));
+  expect(outcome(ok).state).toBe(OperationState.OPERATION_STATE_SUCCEEDED);
+  expect(imageRequests().slice(before).map((q) => q.range)).toContain(`bytes=${kept}-`);
+  expectImageOn(spec.target);
 }
 
 beforeAll(async () => {
@@ -171,13 +177,7 @@ test("a download that breaks on every attempt fails with the target unchanged; t
   expect(kept).toBeLessThanOrEqual(stop);
 
   clearFaults();
-  const next = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
-  expect(next.download?.cachedBytes).toBe(kept);
-  const before = imageRequests().length;
-  const ok = await collect(api.installer.install(InstallRequest.fromPartial({ spec, confirmationToken: next.confirmationToken })));
-  expect(outcome(ok).state).toBe(OperationState.OPERATION_STATE_SUCCEEDED);
-  expect(imageRequests().slice(before).map((q) => q.range)).toContain(`bytes=${kept}-`);
-  expectImageOn(target);
+  await expectResumedInstall(spec, kept);
 }, 180_000);
 
 test("CancelInstall during the download: CANCELLED with the target untouched; the partial download is kept and the next install resumes it", async () => {
@@ -207,13 +207,7 @@ test("CancelInstall during the download: CANCELLED with the target untouched; th
   expect(kept).toBeLessThan(r123.size);
 
   clearFaults();
-  const next = await api.installer.planInstall(PlanInstallRequest.fromPartial({ spec }));
-  expect(next.download?.cachedBytes).toBe(kept);
-  const before = imageRequests().length;
-  const ok = await collect(api.installer.install(InstallRequest.fromPartial({ spec, confirmationToken: next.confirmationToken })));
-  expect(outcome(ok).state).toBe(OperationState.OPERATION_STATE_SUCCEEDED);
-  expect(imageRequests().slice(before).map((q) => q.range)).toContain(`bytes=${kept}-`);
-  expectImageOn(target);
+  await expectResumedInstall(spec, kept);
 }, 120_000);
 
 test("a signature by an unknown key, and an image with one flipped byte, are refused with the target unchanged", async () => {

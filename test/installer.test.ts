@@ -13,6 +13,7 @@ import { Encryption, InstallRequest, InstallResult, PlanInstallRequest, type Ins
 import { OperationState, type OperationEvent } from "../gen/piccolo/operations/v1/operations.js";
 import type { PiccoloGrpcClients } from "../src/clients/grpc-client.js";
 import { startTestDaemon, type TestDaemon } from "./helpers/daemon.js";
+import { collect, outcome } from "./helpers/events.js";
 import {
   attachLoop,
   buildFlatcarImage,
@@ -57,12 +58,6 @@ const loop = (file: string, ro = false): string => {
 };
 const majMin = (dev: string): string => sh("lsblk", ["-dno", "MAJ:MIN", dev]).out.trim();
 
-async function collect(it: AsyncIterable<OperationEvent>): Promise<OperationEvent[]> {
-  const out: OperationEvent[] = [];
-  for await (const ev of it) out.push(ev);
-  return out;
-}
-const outcome = (evs: OperationEvent[]): NonNullable<OperationEvent["outcome"]> => evs[evs.length - 1]!.outcome!;
 const resultOf = (evs: OperationEvent[]): InstallResult => InstallResult.decode(outcome(evs).result!.value);
 
 async function planAndInstall(spec: Partial<InstallSpec>): Promise<OperationEvent[]> {
