@@ -17,10 +17,10 @@
  * in even ones, with the source read into the page cache before each run; the figures are
  * medians, and every run's time is printed too.
  *
- * Every timed run starts after the same pause (--settle-s, 5 s; see settle()).
+ * Every timed run starts after the same pause (--settle-s, 30 s; see settle()).
  *
  * Options (flags or env): --sizes-mib 1024,4096 (BENCH_INSTALL_SIZES_MIB), --rounds 3
- * (BENCH_INSTALL_ROUNDS), --settle-s 5.
+ * (BENCH_INSTALL_ROUNDS), --settle-s 30.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createHash, randomFillSync } from "node:crypto";
@@ -44,7 +44,7 @@ function parseArgs(argv: readonly string[]): { sizes: number[]; rounds: number }
   let rounds = Number(process.env["BENCH_INSTALL_ROUNDS"] ?? 3);
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--help" || argv[i] === "-h") {
-      process.stdout.write("usage: node dist/bench/install.js [--sizes-mib 1024,4096] [--rounds 3] [--settle-s 5]\n");
+      process.stdout.write("usage: node dist/bench/install.js [--sizes-mib 1024,4096] [--rounds 3] [--settle-s 30]\n");
       process.exit(0);
     }
     if (argv[i] === "--sizes-mib") v = argv[++i] ?? "";
@@ -70,14 +70,15 @@ const median = (xs: readonly number[]): number => {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 };
 
-let settleSeconds = 5;
+let settleSeconds = 30;
 /**
- * Waits before a timed run. On a VM with free page reporting (virtio-balloon; this project's
- * machines have it) memory freed by deleting the previous run's output goes back to the host
- * within seconds, and writing it again faults it back in page by page: dd started right after a
- * delete reused warm pages and ran 3x faster (0.5 s against 1.6 s per GiB) than after a pause,
- * while the install's write phase always comes seconds after its start (the verify phase). So
- * every timed run starts after the same pause.
+ * Waits before a timed run. On a VM with free page reporting (virtio-balloon, as this project's
+ * machines have) memory freed by deleting the previous run's output goes back to the host over the
+ * next seconds, and writing into it again faults it back in page by page. dd of 1 GiB started right
+ * after a delete took 0.5 s, after 5 s 1.6 s; dd of 4 GiB took 4.4 s after 5 s and 10.4 s after
+ * 25 s (the host takes back 4 GiB more slowly). The install writes seconds after its start (the
+ * verify phase comes first), so a short pause favoured dd; after 30 s both sides write into memory
+ * the host has taken back.
  */
 function settle(): void {
   if (settleSeconds > 0) spawnSync("sleep", [String(settleSeconds)]);

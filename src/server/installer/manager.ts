@@ -767,6 +767,7 @@ export function createInstaller(deps: InstallerDeps): Installer {
           capacity: p.targetBytes,
           signal,
           onProgress: (n) => report("write", n / p.imageBytes, `writing to ${p.target}`, n, p.imageBytes),
+          hash: p.compression !== "none",
         });
         await img?.done;
       } finally {
@@ -782,8 +783,11 @@ export function createInstaller(deps: InstallerDeps): Installer {
       if (p.targetIsBlock) await run(tools.blockdev, ["--flushbufs", p.target], { signal, allowFailure: true });
       report("readback", 0, "reading the written image back", 0, p.imageBytes);
       const back = await readBack(fh, w.head, w.bytes, signal, (n) => report("readback", n / w.bytes, "reading the written image back", n, w.bytes));
-      if (back !== w.sha256) {
-        throw new PiccoloError("internal", `read back ${back}, wrote ${w.sha256}: the target does not hold what was written (a failing disk?)`, { reason: "READBACK_MISMATCH" });
+      // An uncompressed image was not hashed again while written: what was read back must be the
+      // verified file itself.
+      const wrote = w.sha256 || p.sha256;
+      if (back !== wrote) {
+        throw new PiccoloError("internal", `read back ${back}, wrote ${wrote}: the target does not hold what was written (a failing disk, or the image changed since it was verified)`, { reason: "READBACK_MISMATCH" });
       }
 
       // 4. partition: the new first MiB and backup GPT, made by sgdisk on a sparse scratch copy.

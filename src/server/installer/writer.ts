@@ -35,7 +35,7 @@ export interface WriteResult {
   readonly head: Buffer;
   /** Bytes in the image. */
   readonly bytes: number;
-  /** SHA-256 of the whole decompressed image, hex. */
+  /** SHA-256 of the whole decompressed image, hex; empty when WriteOptions.hash was false. */
   readonly sha256: string;
 }
 
@@ -53,6 +53,12 @@ export interface WriteOptions {
   readonly signal: AbortSignal;
   /** Called after each block is handed to the kernel, with the image bytes done. */
   readonly onProgress: (bytesDone: number) => void;
+  /**
+   * Hash what is written (default true). An uncompressed image needs no second hash: the verified
+   * SHA-256 of the file is already the hash of exactly these bytes, and the read-back is checked
+   * against that.
+   */
+  readonly hash?: boolean;
 }
 
 // The hash runs on its own thread over shared memory, so it overlaps with the reads, the writes
@@ -118,7 +124,7 @@ const POOL = 3;
  * written), hashing everything on a worker thread. Does not sync; the caller does.
  */
 export async function writeImage(o: WriteOptions): Promise<WriteResult> {
-  const hasher = new HashThread();
+  const hasher = o.hash === false ? undefined : new HashThread();
   const head = Buffer.alloc(HEAD_BYTES);
   const free: SharedArrayBuffer[] = Array.from({ length: POOL }, () => new SharedArrayBuffer(BLOCK_BYTES));
   const busy: Promise<SharedArrayBuffer>[] = [];
@@ -148,7 +154,7 @@ export async function writeImage(o: WriteOptions): Promise<WriteResult> {
     }
     const mine = sab;
     const w = data.length > 0 ? (lastWrite = lastWrite.then(() => writeFully(o.target, data, pos))) : Promise.resolve();
-    const both = Promise.all([w, hasher.update(mine, len)]).then(() => mine);
+    const both = Promise.all([w, hasher?.update(mine, len)]).then(() => mine);
     both.catch(() => undefined);
     busy.push(both);
     written = at + len;
@@ -188,12 +194,12 @@ export async function writeImage(o: WriteOptions): Promise<WriteResult> {
     if (written < HEAD_BYTES) {
       throw new PiccoloError("invalid_argument", `image: only ${written} bytes long, not a disk image`, { field: "spec.image_path" });
     }
-    return { head, bytes: written, sha256: await hasher.digest() };
+    return { head, bytes: written, sha256: hasher ? await hasher.digest() : "" };
   } catch (e) {
     await Promise.allSettled(busy);
     throw e;
   } finally {
-    await hasher.close();
+    await hasher?.close();
   }
 }
 
