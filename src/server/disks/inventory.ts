@@ -114,8 +114,8 @@ const devPath = (d: RawDevice): string => str(d.path) || `/dev/${str(d.name)}`;
 const mountList = (d: RawDevice): string[] =>
   (d.mountpoints ?? (d.mountpoint ? [d.mountpoint] : [])).filter((m): m is string => typeof m === "string" && m !== "");
 
-/** Every place the device is mounted, once each. */
-const mounts = (d: RawDevice): string[] => [...new Set([...mountList(d), ...(d.mountpoint ? [d.mountpoint] : [])])];
+/** Every place the device is mounted (MOUNTPOINTS and MOUNTPOINT), once each. */
+const mounts = (d: RawDevice): string[] => [...new Set([...(d.mountpoints ?? []), d.mountpoint].filter((m): m is string => typeof m === "string" && m !== ""))];
 
 const transportOf = (d: RawDevice): DiskTransport => {
   if (d.type === "loop") return "loop";

@@ -767,7 +767,7 @@ export function createInstaller(deps: InstallerDeps): Installer {
           capacity: p.targetBytes,
           signal,
           onProgress: (n) => report("write", n / p.imageBytes, `writing to ${p.target}`, n, p.imageBytes),
-          hash: p.compression !== "none",
+          hash: raw === undefined,
         });
         await img?.done;
       } finally {

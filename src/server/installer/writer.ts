@@ -121,7 +121,7 @@ const POOL = 3;
 
 /**
  * Streams `source` onto the target from byte HEAD_BYTES on (the first MiB is returned, not
- * written), hashing everything on a worker thread. Does not sync; the caller does.
+ * written), hashing it on a worker thread unless `hash` is false. Does not sync; the caller does.
  */
 export async function writeImage(o: WriteOptions): Promise<WriteResult> {
   const hasher = o.hash === false ? undefined : new HashThread();

@@ -195,9 +195,15 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
     return token ? { authorization: `Bearer ${token}` } : {};
   };
 
+  /** The configured update server and channel, and the headers to ask it with (the device token). */
+  const releaseSource = async (): Promise<{ server: string; channel: string; headers: Record<string, string> }> => {
+    const c = configNow();
+    return { server: c.server, channel: c.channel, headers: await authHeaders() };
+  };
+
   /** GET /api/v1/updates/check on the configured server. */
   const manifestOf = async (channel: string, version: string | undefined, signal?: AbortSignal): Promise<Manifest> =>
-    fetchManifest({ server: configNow().server, headers: await authHeaders() }, { channel, version, currentVersion: await bootedVersion() }, signal);
+    fetchManifest(await releaseSource(), { channel, version, currentVersion: await bootedVersion() }, signal);
 
   const slotStatus = (s: UsrSlot, t: SlotTable, version: string): SlotStatus => ({
     slot: s.name === "A" ? Slot.SLOT_A : Slot.SLOT_B,
@@ -279,7 +285,7 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
       expectedSha = manifest.payload.sha256;
       size = manifest.payload.size;
       payloadPath = join(payloadDir, `piccolo-os-update-${version}.raw.gz`);
-      signature = await fetchSignature({ server: configNow().server, headers: await authHeaders() }, manifest.payload.signatureUrl, ctx.signal);
+      signature = await fetchSignature(await releaseSource(), manifest.payload.signatureUrl, ctx.signal);
     }
     report("resolve", 1, `version ${version}, ${size} bytes`, { bytesTotal: size });
 
@@ -676,10 +682,7 @@ export function createUpdateManager(deps: UpdateManagerDeps): UpdateManager {
     applyKind,
     rollbackKind,
     verifier,
-    async releaseSource() {
-      const c = configNow();
-      return { server: c.server, channel: c.channel, headers: await authHeaders() };
-    },
+    releaseSource,
   };
 }
 
