@@ -389,7 +389,10 @@ export function createOperationManager(options: OperationManagerOptions): Operat
           );
         }
       }
-      const now = new Date();
+      // Create times are strictly increasing (a millisecond later than the newest when two starts
+      // fall in the same millisecond), so "newest first" and page tokens are a total order.
+      const newest = Math.max(0, ...[...entries.values()].map((x) => x.op.createTime?.getTime() ?? 0));
+      const now = new Date(Math.max(Date.now(), newest + 1));
       const op: Operation = {
         id: newId(now),
         kind: kindName,
