@@ -7,7 +7,8 @@
 #   fresh TPM (a second boot with a new swtpm state); the API reachable through a port forward;
 #   an agent service made by CreateAgentService started by systemd (dynamic user, its container
 #   running with the sealed key as a read-only file and nowhere else, replaced and restarted by a
-#   second call).
+#   second call); an install onto a third disk with encryption tpm2 whose ROOT then unlocks with
+#   systemd-cryptsetup through the TPM and with the recovery key (and not through a fresh TPM).
 # Without --image (CI, and any machine that cannot download Flatcar) it boots a stand-in: a
 # minimal Debian (debootstrap) with a kernel and systemd, cached by the hash of its recipe, with
 # the piccolod sysext merged by systemd-sysext.
@@ -87,7 +88,7 @@ suite=bookworm
 mirror=http://deb.debian.org/debian
 # docker.io (with apparmor, which its engine needs on a kernel with AppArmor on) runs the agent
 # service checks; busybox-static is the whole of the agent image made in the guest.
-packages="systemd,systemd-sysv,udev,kmod,dbus,linux-image-amd64,curl,tpm2-tools,cryptsetup-bin,procps,iproute2,e2fsprogs,docker.io,apparmor,busybox-static"
+packages="systemd,systemd-sysv,udev,kmod,dbus,linux-image-amd64,curl,tpm2-tools,cryptsetup-bin,procps,iproute2,e2fsprogs,docker.io,apparmor,busybox-static,gdisk"
 recipe="debootstrap --variant=minbase --include=$packages $suite $mirror v1"
 key=$(printf '%s' "$recipe" | sha256sum | cut -c1-16)
 base="$cache/rootfs-$key.tar"
@@ -161,6 +162,7 @@ ln -sf /dev/null "$rfs/etc/systemd/system/serial-getty@ttyS0.service"
 ln -sf /dev/null "$rfs/etc/systemd/system/getty@tty1.service"
 install -D -m 0755 "$here/vm/guest-test.sh" "$rfs/opt/piccolo-test/guest-test.sh"
 install -D -m 0755 "$here/place-keys.sh" "$rfs/opt/piccolo-test/place-keys.sh"
+cp -r "$work/install" "$rfs/opt/piccolo-test/install"
 printf '%s\n' "$test_unit" >"$rfs/etc/systemd/system/piccolo-vm-test.service"
 ln -sf /etc/systemd/system/piccolo-vm-test.service "$rfs/etc/systemd/system/multi-user.target.wants/piccolo-vm-test.service"
 for f in "$rfs"/boot/vmlinuz-*; do cp "$f" "$work/vmlinuz"; done
@@ -193,6 +195,7 @@ prepare_flatcar() {
     exit 1
   fi
   ln -sf "$(command -v busybox)" "$www/busybox"
+  cp "$work/install"/piccolo-os.img.gz* "$www/"
   cp "$work/build/piccolod.ign" "$www/piccolod.ign"
   python3 -m http.server --bind 127.0.0.1 --directory "$www" "$http_port" >"$work/http.log" 2>&1 &
   pids+=("$!")
@@ -209,6 +212,8 @@ ign = {
     {"path": "/opt/piccolo-test/guest-test.sh", "mode": 493, "contents": {"source": "data:;base64," + guest}},
     {"path": "/opt/piccolo-test/place-keys.sh", "mode": 493, "contents": {"source": "data:;base64," + keys}},
     {"path": "/opt/piccolo-test/busybox", "mode": 493, "contents": {"source": f"http://10.0.2.2:{port}/busybox"}},
+    *[{"path": f"/opt/piccolo-test/install/{f}", "mode": 420, "contents": {"source": f"http://10.0.2.2:{port}/{f}"}}
+      for f in ("piccolo-os.img.gz", "piccolo-os.img.gz.sha256", "piccolo-os.img.gz.asc")],
     {"path": "/etc/piccolod/config.json", "mode": 420, "contents": {"source": "data:;base64," + conf}},
   ]},
   "systemd": {"units": [
@@ -225,6 +230,42 @@ PY
   qemu_boot=(-drive "file=$work/root.qcow2,format=qcow2,if=virtio" -fw_cfg "name=opt/org.flatcar-linux/config,file=$work/test.ign")
 }
 
+# The build's signing key, made here (build.sh would make its own throwaway one) so that the install
+# image below is signed by the key the sysext ships as /usr/share/piccolod/signing-keys.asc.
+ensure_debian_packages "gpg:gnupg" "sgdisk:gdisk" "debugfs:e2fsprogs"
+export GNUPGHOME="$work/gnupg"
+mkdir -m 0700 "$GNUPGHOME"
+gpg --batch --quiet --passphrase '' --quick-gen-key "Piccolo VM test build <vm@piccolo.invalid>" ed25519 sign 1d 2>/dev/null
+GPG_SIGNING_KEY_ID=$(gpg --batch --list-keys --with-colons 2>/dev/null | awk -F: '/^fpr/ {print $10; exit}')
+export GPG_SIGNING_KEY_ID
+
+# A Flatcar-shaped install image (GPT: EFI-SYSTEM, BIOS-BOOT, USR-A, USR-B, OEM and ROOT as ext4,
+# numbered as Flatcar numbers them), random bytes in USR-A, gzipped, with .sha256 and .asc beside it:
+# what the guest installs onto its third disk.
+make_install_image() { # make_install_image DIR
+  local dir=$1 img=$1/piccolo-os.img oem_first root_first
+  mkdir -p "$dir"
+  truncate -s 64M "$img"
+  sgdisk -o -n1:2048:+4M -t1:C12A7328-F81F-11D2-BA4B-00A0C93EC93B -c1:EFI-SYSTEM \
+    -n2:0:+1M -t2:21686148-6449-6E6F-744E-656564454649 -c2:BIOS-BOOT \
+    -n3:0:+8M -t3:5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6 -c3:USR-A \
+    -n4:0:+8M -t4:5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6 -c4:USR-B \
+    -n6:0:+4M -t6:0FC63DAF-8483-4772-8E79-3D69D8477DE4 -c6:OEM \
+    -n9:0:0 -t9:3884DD41-8582-4404-B9A8-E9B84F2DF50E -c9:ROOT "$img" >/dev/null
+  first_lba() { sgdisk -i "$1" "$img" | sed -n 's/^First sector: \([0-9]*\).*/\1/p'; }
+  dd if=/dev/urandom of="$img" bs=1M count=8 seek="$(( $(first_lba 3) / 2048 ))" conv=notrunc status=none
+  oem_first=$(first_lba 6)
+  root_first=$(first_lba 9)
+  mkfs.ext4 -q -F -L OEM -E offset=$((oem_first * 512)) "$img" 4096k
+  mkfs.ext4 -q -F -L ROOT -E offset=$((root_first * 512)) "$img" $(( (64 * 1024 - root_first / 2 - 1024) / 4 * 4 ))k
+  gzip -1 -f "$img"
+  (cd "$dir" && sha256sum piccolo-os.img.gz >piccolo-os.img.gz.sha256)
+  gpg --batch --yes --quiet --local-user "$GPG_SIGNING_KEY_ID" --armor --detach-sign --output "$img.gz.asc" "$img.gz"
+}
+make_install_image "$work/install"
+# Larger than installerMinDiskBytes (8 GiB); sparse, so only what the install writes takes room.
+truncate -s 9G "$work/disk3.img"
+
 if [ -n "$image" ]; then prepare_flatcar; else prepare_standin; fi
 
 passed=0
@@ -240,7 +281,7 @@ boot() { # boot NAME TPMSTATE MODE
   echo "==> booting ($name; API forwarded to 127.0.0.1:$port)"
   local t0=$SECONDS
   timeout "$timeout_s" qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -nographic -no-reboot \
-    "${qemu_boot[@]}" -drive file="$work/disk2.img",format=raw,if=virtio \
+    "${qemu_boot[@]}" -drive file="$work/disk2.img",format=raw,if=virtio -drive file="$work/disk3.img",format=raw,if=virtio \
     -chardev socket,id=chrtpm,path="$work/$name-tpm.sock" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0 \
     -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$port"-:8080 -device virtio-net-pci,netdev=n0 \
     >"$work/$name-serial.log" 2>&1 &

@@ -26,6 +26,25 @@ main_pid() { systemctl show -p MainPID --value piccolod.service; }
 # wait_for SECONDS CMD...: until CMD succeeds, or SECONDS pass.
 wait_for() { local end=$((SECONDS + $1)); shift; while [ $SECONDS -lt "$end" ]; do "$@" && return 0; sleep 1; done; return 1; }
 
+# The third disk is the install target of the install check (the main boot installs onto it with
+# encryption tpm2; the fresh-TPM boot finds it as left). The recovery key is kept in /run (tmpfs)
+# and, for the fresh-TPM boot, on the second disk at 2 MiB.
+inst_disk=/dev/vdc
+inst_root=/dev/vdc9
+inst_img=/opt/piccolo-test/install/piccolo-os.img.gz
+rk_file=/run/piccolo-test/recovery-key
+install -d -m 0700 /run/piccolo-test
+# unlock_root KEYFILE OPTIONS: opens the installed ROOT as crypttab would (systemd-cryptsetup attach),
+# checks the mapping is active, closes it.
+unlock_root() {
+  local status
+  /usr/lib/systemd/systemd-cryptsetup attach piccolo-vm-root "$inst_root" "$1" "$2" || return 1
+  status=$(cryptsetup status piccolo-vm-root)
+  /usr/lib/systemd/systemd-cryptsetup detach piccolo-vm-root || return 1
+  echo "$status" | grep -q "is active" && ! cryptsetup status piccolo-vm-root >/dev/null 2>&1 &&
+    echo "opened ($(echo "$status" | awk '$1 == "type:" || $1 == "size:" { $1 = ""; sub(/^ /, ""); o = o (o ? ", " : "") $0 } END { printf "%s", o }')) and closed"
+}
+
 # The second disk carries the mode in its first bytes ("PICCOLO-MODE=main|fresh-tpm", written by
 # the host before each boot) and, from 1 MiB on, the sealed key saved by the main boot. A disk
 # works the same on the Debian stand-in and on Flatcar, whose kernel command line the host
@@ -45,6 +64,17 @@ if [ "$mode" = fresh-tpm ]; then
     fail fresh_tpm_refuses_key "decrypted on a fresh TPM: $(cat /tmp/out)"
   else
     pass fresh_tpm_refuses_key "$(tail -1 /tmp/err)"
+  fi
+  # The ROOT the main boot installed is sealed to that boot's TPM: this one cannot open it; the
+  # recovery key still does.
+  (umask 077 && dd if="$blob_disk" bs=4096 skip=512 count=1 status=none | tr -d '\0' >"$rk_file")
+  if [ "$(wc -c <"$rk_file")" != 71 ]; then
+    fail fresh_tpm_refuses_root "no recovery key saved by the main boot"
+  elif unlock_root - tpm2-device=auto,headless=true >/tmp/out 2>/tmp/err; then
+    fail fresh_tpm_refuses_root "a fresh TPM opened the installed ROOT: $(cat /tmp/out)"
+  else
+    pass fresh_tpm_refuses_root "systemd-cryptsetup through the fresh TPM: $(grep -i -m1 'tpm' /tmp/err || grep -v '^$' /tmp/err | tail -1)"
+    check fresh_tpm_root_recovery_key unlock_root "$rk_file" headless=true
   fi
   echo PICCOLO-DONE
   systemctl poweroff
@@ -266,6 +296,59 @@ check agent_stop_removes_container agent_stops
 if [ "$failures" -gt "$agent_failures" ]; then
   echo "--- $aunit (status, journal; the key's value masked) ---"
   { cat "/etc/systemd/system/$aunit"; systemctl status --no-pager -n 0 "$aunit"; journalctl -u "$aunit" --no-pager -n 40 -o short-monotonic; } 2>&1 | sed "s/$avalue/<key>/g" | cut -c1-300
+  echo "---"
+fi
+
+# 8. Install onto the third disk with encryption tpm2, from the signed image the host placed in the
+#    guest (signed with the key the sysext ships), then open the encrypted ROOT the way crypttab
+#    would: through the TPM, and with the recovery key; the key is in no log or state file.
+install_tpm2() {
+  local out t0=$SECONDS live=/run/piccolo/live/images
+  # Where a live medium's images are (the default installerImageDirs; images come from nowhere else).
+  mkdir -p "$live" && cp "$inst_img" "$inst_img.sha256" "$inst_img.asc" "$live/" || return 1
+  out=$(timeout 1800 piccoloctl install run "$inst_disk" --image "$live/$(basename "$inst_img")" --encryption tpm2 --yes 2>/tmp/install.err) ||
+    { echo "$out"; tail -5 /tmp/install.err; return 1; }
+  (umask 077 && printf %s "$(echo "$out" | grep -Eo '^ *[cbdefghijklnrtuv]{8}(-[cbdefghijklnrtuv]{8}){7} *$' | tr -d ' ')" >"$rk_file")
+  [ "$(wc -c <"$rk_file")" = 71 ] || { echo "no recovery key in piccoloctl's output: $out"; return 1; }
+  if ! { blockdev --rereadpt "$inst_disk" && udevadm settle && test -b "$inst_root"; }; then echo "no $inst_root after the install"; return 1; fi
+  # For the fresh-TPM boot.
+  dd if="$rk_file" of="$blob_disk" bs=4096 seek=512 conv=sync,fsync status=none
+  echo "installed in $((SECONDS - t0)) s: $(sgdisk -p "$inst_disk" | grep -Ec '^ +[0-9]+ ') partitions, ROOT $(blockdev --getsize64 "$inst_root") bytes on a $(blockdev --getsize64 "$inst_disk")-byte disk"
+}
+usr_a_written() {
+  local first count want got
+  first=$(zcat "$inst_img" >/tmp/src.img && sgdisk -i 3 /tmp/src.img | sed -n 's/^First sector: \([0-9]*\).*/\1/p')
+  count=$(sgdisk -i 3 /tmp/src.img | sed -n 's/^Partition size: \([0-9]*\).*/\1/p')
+  want=$(dd if=/tmp/src.img bs=512 skip="$first" count="$count" status=none | sha256sum | cut -c1-64)
+  got=$(dd if="${inst_disk}3" bs=512 count="$count" status=none | sha256sum | cut -c1-64)
+  rm -f /tmp/src.img
+  [ -n "$count" ] && [ "$want" = "$got" ] && echo "USR-A on ${inst_disk}3 ($count sectors) has the image's SHA-256 ${got:0:12}…"
+}
+luks_tpm2_token() {
+  local d
+  d=$(cryptsetup luksDump "$inst_root") || return 1
+  echo "$d" | grep -q "systemd-tpm2" && echo "$d" | grep -Eq "pcrs:[[:space:]]*7\b" &&
+    echo "LUKS2 $(cryptsetup luksUUID "$inst_root"): systemd-tpm2 token, $(echo "$d" | grep -Eo "[a-z0-9-]*pcrs:[[:space:]]*7\b" | head -1 | tr -s ' ')"
+}
+recovery_key_not_logged() {
+  local k
+  k=$(cat "$rk_file")
+  journalctl --sync 2>/dev/null || true
+  [ -n "$k" ] && ! journalctl --no-pager -o cat | grep -qF "$k" && ! grep -rqF "$k" /var/lib/piccolod && ! grep -qF "$k" /tmp/install.err &&
+    echo "not in the journal ($(journalctl --no-pager -o cat | wc -l) lines), the state folder ($(find /var/lib/piccolod -type f | wc -l) files) nor the progress output"
+}
+install_failures=$failures
+check install_tpm2 install_tpm2
+if [ "$failures" -eq "$install_failures" ]; then
+  check install_usr_a_written usr_a_written
+  check install_luks_tpm2_pcr7 luks_tpm2_token
+  check root_unlocks_with_tpm unlock_root - tpm2-device=auto,headless=true
+  check root_unlocks_with_recovery_key unlock_root "$rk_file" headless=true
+  check recovery_key_not_logged recovery_key_not_logged
+fi
+if [ "$failures" -gt "$install_failures" ]; then
+  echo "--- install (piccoloctl's progress output, last 20 lines) ---"
+  tail -20 /tmp/install.err | cut -c1-300
   echo "---"
 fi
 
