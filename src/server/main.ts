@@ -3,6 +3,8 @@
  * piccolod's entry point: load and validate the configuration, start the daemon, tell systemd
  * it is ready once the start-up checks passed, and stop gracefully on SIGTERM or SIGINT.
  */
+// First: its V8 settings must be in place before the rest of the daemon is loaded.
+import { endStartupTuning } from "./startup-tuning.js";
 import { ConfigError, loadConfig } from "./config.js";
 import { createLogger, startDaemon, StartupCheckError } from "./daemon.js";
 import { createNotifier } from "./notify.js";
@@ -41,6 +43,7 @@ async function main(): Promise<number> {
   const { endpoints } = daemon;
   await notifier.ready(`serving on ${[endpoints.socket, endpoints.grpc, endpoints.rest].filter(Boolean).join(", ")}`);
   notifier.startWatchdog();
+  endStartupTuning();
   log.info({ ...endpoints, startupMs: Math.round(performance.now() - t0) }, "piccolod ready");
 
   log.info({ signal: await stopRequested }, "shutdown requested");
