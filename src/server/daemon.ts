@@ -54,6 +54,7 @@ import { InstallerServiceService } from "../../gen/piccolo/installer/v1/installe
 import { createDiskInventory } from "./disks/inventory.js";
 import { createInstaller } from "./installer/manager.js";
 import { createInstallerService } from "./installer/service.js";
+import { isoTime } from "./iso-time.js";
 
 /** Where the daemon listens, as bound (ports resolved). */
 export interface Endpoints {
@@ -84,7 +85,7 @@ export class StartupCheckError extends Error {
 
 /** Creates the root logger. */
 export function createLogger(config: Pick<Config, "logLevel">): Logger {
-  return pino({ level: config.logLevel, base: { svc: "piccolod" }, timestamp: pino.stdTimeFunctions.isoTime });
+  return pino({ level: config.logLevel, base: { svc: "piccolod" }, timestamp: () => `,"time":"${isoTime()}"` });
 }
 
 async function writeAtomic(path: string, text: string): Promise<void> {

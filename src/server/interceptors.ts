@@ -9,6 +9,7 @@ import type { Interceptor } from "./rpc.js";
 import { readHttpBindings, compilePathTemplate } from "../common/http-rule.js";
 import { apiRegistry } from "../common/proto-registry.js";
 import type { DescField, DescMessage } from "@bufbuild/protobuf";
+import { isoTime } from "./iso-time.js";
 
 const codeName = (code: number): string => GrpcStatus[code] ?? String(code);
 
@@ -93,7 +94,7 @@ export function auditInterceptor(audit: AuditLog): Interceptor {
     const st = error === undefined ? undefined : toRpcStatus(error);
     const reason = error === undefined ? undefined : toPiccoloError(error).reason;
     await audit.write({
-      time: new Date().toISOString(),
+      time: isoTime(),
       actor: ctx.actor,
       ...(ctx.principal ? { subject: ctx.principal.subject } : {}),
       ...(ctx.principal?.token ? { tokenId: ctx.principal.token.id } : {}),

@@ -13,6 +13,7 @@ import { PiccoloError, toRpcStatus } from "../errors.js";
 import type { CallContext, Interceptor, MethodEntry, Transport } from "../rpc.js";
 import { roleName, unauthenticated, type Principal, type TokenManager } from "./tokens.js";
 import { status as GrpcStatus } from "@grpc/grpc-js";
+import { isoTime } from "../iso-time.js";
 
 /** The unix socket's principal. */
 export const ROOT_PRINCIPAL: Principal = { role: Role.ROLE_ADMIN, subject: "root" };
@@ -87,7 +88,7 @@ export function createAuthGate(o: { readonly tokens: TokenManager; readonly audi
       const st = toRpcStatus(e);
       const reason = e instanceof PiccoloError ? e.reason : undefined;
       await o.audit.write({
-        time: new Date().toISOString(),
+        time: isoTime(),
         actor: c.actor,
         method: c.method.replace(/^\//, ""),
         transport: c.transport,

@@ -6,6 +6,7 @@
  */
 import { createHash, createPublicKey, randomBytes, sign, X509Certificate, type KeyObject } from "node:crypto";
 import { isIP } from "node:net";
+import { isoTime } from "../iso-time.js";
 
 const tlv = (tag: number, content: Buffer): Buffer => {
   const n = content.length;
@@ -47,7 +48,7 @@ const oid = (dotted: string): Buffer => {
 
 /** UTCTime up to 2049, GeneralizedTime after (RFC 5280 4.1.2.5). */
 const time = (d: Date): Buffer => {
-  const iso = d.toISOString().replace(/[-:T]/g, "").slice(0, 14) + "Z"; // YYYYMMDDHHMMSSZ
+  const iso = isoTime(d).replace(/[-:T]/g, "").slice(0, 14) + "Z"; // YYYYMMDDHHMMSSZ
   return d.getUTCFullYear() < 2050 ? tlv(0x17, Buffer.from(iso.slice(2), "ascii")) : tlv(0x18, Buffer.from(iso, "ascii"));
 };
 

@@ -16,6 +16,7 @@ import {
 } from "../../../gen/piccolo/operations/v1/operations.js";
 import { notFound, PiccoloError, toRpcStatus } from "../errors.js";
 import type { JournalStore, JournalWriter } from "./journal.js";
+import { isoTime } from "../iso-time.js";
 
 /** What a worker gets. */
 export interface WorkerContext {
@@ -117,7 +118,7 @@ interface Entry {
 }
 
 const newId = (now: Date): string =>
-  `op-${now.toISOString().replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z")}-${randomBytes(3).toString("hex")}`;
+  `op-${isoTime(now).replace(/[-:]/g, "").replace(/\.\d+Z$/, "Z")}-${randomBytes(3).toString("hex")}`;
 
 const TERMINAL = new Set([
   OperationState.OPERATION_STATE_SUCCEEDED,
