@@ -232,35 +232,25 @@ PY
 
 # The build's signing key, made here (build.sh would make its own throwaway one) so that the install
 # image below is signed by the key the sysext ships as /usr/share/piccolod/signing-keys.asc.
-ensure_debian_packages "gpg:gnupg" "sgdisk:gdisk" "debugfs:e2fsprogs"
+ensure_debian_packages "gpg:gnupg" "sgdisk:gdisk" "debugfs:e2fsprogs" "gzip:gzip"
 export GNUPGHOME="$work/gnupg"
 mkdir -m 0700 "$GNUPGHOME"
 gpg --batch --quiet --passphrase '' --quick-gen-key "Piccolo VM test build <vm@piccolo.invalid>" ed25519 sign 1d 2>/dev/null
 GPG_SIGNING_KEY_ID=$(gpg --batch --list-keys --with-colons 2>/dev/null | awk -F: '/^fpr/ {print $10; exit}')
 export GPG_SIGNING_KEY_ID
 
-# A Flatcar-shaped install image (GPT: EFI-SYSTEM, BIOS-BOOT, USR-A, USR-B, OEM and ROOT as ext4,
-# numbered as Flatcar numbers them), random bytes in USR-A, gzipped, with .sha256 and .asc beside it:
-# what the guest installs onto its third disk.
+# A Flatcar-shaped install image, gzipped, with .sha256 and .asc beside it: what the guest installs
+# onto its third disk. Built by the installer tests' own fixture (test/helpers/flatcar-image.ts),
+# signed here with the build's key.
 make_install_image() { # make_install_image DIR
-  local dir=$1 img=$1/piccolo-os.img oem_first root_first
+  local dir=$1
   mkdir -p "$dir"
-  truncate -s 64M "$img"
-  sgdisk -o -n1:2048:+4M -t1:C12A7328-F81F-11D2-BA4B-00A0C93EC93B -c1:EFI-SYSTEM \
-    -n2:0:+1M -t2:21686148-6449-6E6F-744E-656564454649 -c2:BIOS-BOOT \
-    -n3:0:+8M -t3:5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6 -c3:USR-A \
-    -n4:0:+8M -t4:5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6 -c4:USR-B \
-    -n6:0:+4M -t6:0FC63DAF-8483-4772-8E79-3D69D8477DE4 -c6:OEM \
-    -n9:0:0 -t9:3884DD41-8582-4404-B9A8-E9B84F2DF50E -c9:ROOT "$img" >/dev/null
-  first_lba() { sgdisk -i "$1" "$img" | sed -n 's/^First sector: \([0-9]*\).*/\1/p'; }
-  dd if=/dev/urandom of="$img" bs=1M count=8 seek="$(( $(first_lba 3) / 2048 ))" conv=notrunc status=none
-  oem_first=$(first_lba 6)
-  root_first=$(first_lba 9)
-  mkfs.ext4 -q -F -L OEM -E offset=$((oem_first * 512)) "$img" 4096k
-  mkfs.ext4 -q -F -L ROOT -E offset=$((root_first * 512)) "$img" $(( (64 * 1024 - root_first / 2 - 1024) / 4 * 4 ))k
-  gzip -1 -f "$img"
+  ensure_node_modules
+  IMG="$dir/piccolo-os.img" node_modules/.bin/tsx -e \
+    'import { buildFlatcarImage, compress } from "./test/helpers/flatcar-image.ts"; buildFlatcarImage(process.env.IMG!, 64); compress(process.env.IMG!, "gzip");'
+  rm "$dir/piccolo-os.img"
   (cd "$dir" && sha256sum piccolo-os.img.gz >piccolo-os.img.gz.sha256)
-  gpg --batch --yes --quiet --local-user "$GPG_SIGNING_KEY_ID" --armor --detach-sign --output "$img.gz.asc" "$img.gz"
+  gpg --batch --yes --quiet --local-user "$GPG_SIGNING_KEY_ID" --armor --detach-sign --output "$dir/piccolo-os.img.gz.asc" "$dir/piccolo-os.img.gz"
 }
 make_install_image "$work/install"
 # Larger than installerMinDiskBytes (8 GiB); sparse, so only what the install writes takes room.

@@ -316,9 +316,10 @@ install_tpm2() {
   echo "installed in $((SECONDS - t0)) s: $(sgdisk -p "$inst_disk" | grep -Ec '^ +[0-9]+ ') partitions, ROOT $(blockdev --getsize64 "$inst_root") bytes on a $(blockdev --getsize64 "$inst_disk")-byte disk"
 }
 usr_a_written() {
-  local first count want got
-  first=$(zcat "$inst_img" >/tmp/src.img && sgdisk -i 3 /tmp/src.img | sed -n 's/^First sector: \([0-9]*\).*/\1/p')
-  count=$(sgdisk -i 3 /tmp/src.img | sed -n 's/^Partition size: \([0-9]*\).*/\1/p')
+  local info first count want got
+  info=$(zcat "$inst_img" >/tmp/src.img && sgdisk -i 3 /tmp/src.img)
+  first=$(echo "$info" | sed -n 's/^First sector: \([0-9]*\).*/\1/p')
+  count=$(echo "$info" | sed -n 's/^Partition size: \([0-9]*\).*/\1/p')
   want=$(dd if=/tmp/src.img bs=512 skip="$first" count="$count" status=none | sha256sum | cut -c1-64)
   got=$(dd if="${inst_disk}3" bs=512 count="$count" status=none | sha256sum | cut -c1-64)
   rm -f /tmp/src.img
